@@ -1,0 +1,185 @@
+"""Every checkpoint format sdtorch reads and writes, in one place.
+
+- Original single files (`.safetensors`, `.ckpt`): SD1 and SD2 CompVis layouts, with or without EMA.
+- diffusers folders: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+
+Reading is strict: every missing, unexpected or mis-shaped key is reported by name, and the load fails
+unless `strict=False`. See `detect` for how family, architecture and prediction type are decided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS, ModelConfig
+from ..errors import CheckpointError
+from ..models import AutoencoderKL, CLIPTextModel, UNet
+from ..tokenizer import CLIPTokenizer
+from . import detect, diffusers_folder, keymaps
+from .io import StateDict, read_state_dict, write_safetensors
+from .keymaps import SD1_TEXT_PREFIX, Source
+from .loader import LoadReport, check, load_component
+
+__all__ = ["LoadReport", "read_checkpoint", "save_diffusers", "save_single_file", "read_state_dict"]
+
+FACTORIES = {"unet": lambda c: UNet(c.unet), "vae": lambda c: AutoencoderKL(c.vae),
+             "text_encoder": lambda c: CLIPTextModel(c.text)}
+
+
+def _keys(component: str, config: ModelConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(FACTORIES[component](config).state_dict())
+
+
+def _resolve_config(config) -> ModelConfig | None:
+    if config is None or isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, str) and config.lower() in PRESETS:
+        return PRESETS[config.lower()]
+    if diffusers_folder.is_diffusers_folder(Path(config)):
+        return diffusers_folder.read_config(Path(config))
+    raise CheckpointError(f"{config}: config must be a ModelConfig, a preset ({', '.join(PRESETS)}) "
+                          "or a diffusers folder")
+
+
+def read_checkpoint(path, dtype=None, prediction_type=None, config=None, use_ema=False, strict=True):
+    """Read a single file or a diffusers folder.
+
+    Returns (config, {"unet", "vae", "text_encoder"} modules, tokenizer, LoadReport).
+    """
+    path = Path(path)
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    config = _resolve_config(config)
+    if path.is_dir():
+        if not diffusers_folder.is_diffusers_folder(path):
+            raise CheckpointError(f"{path}: folder has no model_index.json (not a diffusers model folder)")
+        return _read_folder(path, dtype, prediction_type, config, strict)
+    return _read_single(path, dtype, prediction_type, config, use_ema, strict)
+
+
+def _read_folder(path, dtype, prediction_type, config, strict):
+    report = LoadReport(str(path), "diffusers")
+    folder_config = diffusers_folder.read_config(path)
+    how = "scheduler/scheduler_config.json" if (path / "scheduler" / "scheduler_config.json").is_file() else "default"
+    config = config or folder_config
+    if prediction_type:
+        config, how = config.replace(prediction_type=prediction_type), "set by caller"
+    report.detected = {"family": (config.family, "from the text encoder config"),
+                       "prediction_type": (config.prediction_type, how),
+                       "inpainting": (config.inpainting, f"UNet in_channels={config.unet.in_channels}")}
+    modules = {}
+    for name in FACTORIES:
+        sd = read_state_dict(diffusers_folder.weight_file(path, name))
+        prefix = "text_model." if name == "text_encoder" and "text_model.embeddings.token_embedding.weight" in sd else ""
+        sources = {k: Source(prefix + k) for k in _keys(name, config)}
+        modules[name], comp = load_component(name, lambda: FACTORIES[name](config), sources, sd, dtype, strict)
+        report.components.append(comp)
+        used = {s.key for s in sources.values()}
+        report.unexpected += [f"{name}/{k}" for k in sd if k not in used and not k.endswith("position_ids")]
+    check(report, strict)
+    tok_dir = path / "tokenizer"
+    tokenizer = CLIPTokenizer.from_folder(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.bundled(config.pad_token)
+    return config, modules, tokenizer, report
+
+
+def _read_single(path, dtype, prediction_type, config, use_ema, strict):
+    sd = read_state_dict(path)
+    report = LoadReport(str(path), "original")
+    family = detect.detect_family(sd)
+    meta_config = detect.config_from_metadata(sd.metadata)
+    if config is not None:
+        how = "set by caller"
+    elif meta_config is not None:
+        config, how = meta_config, "sdtorch_config in the file's metadata"
+    else:
+        config, how = detect.infer_config(sd, family), "inferred from tensor shapes and the family's head rule"
+    report.detected["family"] = (family, "text encoder keys")
+    report.detected["architecture"] = (f"UNet {config.unet.block_channels} x{config.unet.layers_per_block}, "
+                                       f"context {config.unet.context_dim}", how)
+    report.detected["inpainting"] = (config.inpainting, f"UNet in_channels={config.unet.in_channels}")
+
+    has_ema = any(k.startswith(keymaps.EMA_PREFIX + "diffusion_model") for k in sd)
+    if use_ema and not has_ema:
+        raise CheckpointError(f"{path}: use_ema was asked for but the file has no EMA weights (model_ema.*)")
+    report.detected["ema"] = ("used" if use_ema else ("present, not used" if has_ema else "absent"),
+                              "model_ema.* keys")
+    modules, used = {}, set()
+    for name in FACTORIES:
+        sources = keymaps.original_sources(name, _keys(name, config), config)
+        if name == "text_encoder" and family == "sd1" and f"{SD1_TEXT_PREFIX}embeddings.token_embedding.weight" not in sd:
+            sources = {k: Source("cond_stage_model.transformer." + k) for k in sources}  # pre-4.x transformers
+        if name == "unet" and use_ema:
+            sources = {k: Source(keymaps.ema_name(s.key), s.transform) for k, s in sources.items()}
+        modules[name], comp = load_component(name, lambda: FACTORIES[name](config), sources, sd, dtype, strict)
+        report.components.append(comp)
+        used |= {s.key for s in sources.values()}
+    for k in sd:
+        if k in used:
+            continue
+        (report.ignored if keymaps.is_ignored_original(k, config) or k.startswith("model.diffusion_model.")
+         and use_ema else report.unexpected).append(k)
+    check(report, strict)
+
+    pred, phow = prediction_type, "set by caller"
+    if pred is None:
+        pred, phow = detect.prediction_from_metadata(sd.metadata), "the file's metadata"
+    if pred is None and family == "sd1":
+        pred, phow = "epsilon", "rule: SD1 checkpoints predict noise"
+    if pred is None:
+        v = detect.probe_v_prediction(modules["unet"], config.unet.context_dim)
+        pred, phow = ("v_prediction" if v else "epsilon"), "rule: SD2 UNet probe at t=999 (override with prediction_type)"
+    config = config.replace(prediction_type=pred)
+    report.detected["prediction_type"] = (pred, phow)
+    return config, modules, CLIPTokenizer.bundled(config.pad_token), report
+
+
+def _state(module: torch.nn.Module, dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
+            for k, v in module.state_dict().items()}
+
+
+def save_single_file(modules: dict, config: ModelConfig, path, dtype=None) -> Path:
+    """Write one `.safetensors` in the original CompVis layout (what AUTOMATIC1111 and ComfyUI load)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: single files are written as .safetensors only (pickles can run code)")
+    out: dict[str, torch.Tensor] = {}
+    for name in FACTORIES:
+        state = _state(modules[name], dtype)
+        parts: dict[str, list] = {}
+        for key, src in keymaps.original_sources(name, list(state), config).items():
+            t = state[key]
+            if src.transform == "conv1x1":
+                t = t[:, :, None, None]
+            if isinstance(src.transform, tuple):
+                parts.setdefault(src.key, [None] * src.transform[1])[src.transform[0]] = t
+            else:
+                out[src.key] = t
+        out.update({k: torch.cat(chunks, dim=0) for k, chunks in parts.items()})
+    meta = {"sdtorch_config": json.dumps(dataclasses.asdict(config)), "prediction_type": config.prediction_type,
+            "format": "pt"}
+    write_safetensors(out, path, metadata=meta)
+    return path
+
+
+def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer, folder, dtype=None) -> Path:
+    """Write a diffusers folder that `diffusers.StableDiffusionPipeline.from_pretrained` opens."""
+    folder = Path(folder)
+    configs = diffusers_folder.component_configs(config)
+    for name in FACTORIES:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        state = _state(modules[name], dtype)
+        if name == "text_encoder":
+            state = {"text_model." + k: v for k, v in state.items()}
+        (folder / name / "config.json").write_text(json.dumps(configs[name], indent=2))
+        write_safetensors(state, folder / name / diffusers_folder.WEIGHT_FILES[name][0], metadata={"format": "pt"})
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
+    tokenizer.save(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
+    return folder

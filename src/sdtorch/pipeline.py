@@ -1,0 +1,91 @@
+"""The loaded model: the three networks, the tokenizer and the config, plus how they were loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoints
+from .config import PRESETS, ModelConfig
+from .errors import SDTorchError
+from .models import AutoencoderKL, CLIPTextModel, UNet
+from .tokenizer import CLIPTokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class StableDiffusion:
+    """`unet`, `vae`, `text_encoder`, `tokenizer` and `config` of one Stable Diffusion model."""
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 config: ModelConfig, report: checkpoints.LoadReport | None = None, name: str = ""):
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.config, self.report, self.name = tokenizer, config, report, name
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def to(self, device=None, dtype=None) -> "StableDiffusion":
+        for m in self.modules.values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
+
+    def save_diffusers(self, folder, dtype=None) -> Path:
+        return checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype))
+
+    def save_single_file(self, path, dtype=None) -> Path:
+        return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype))
+
+    def summary(self) -> str:
+        c = self.config
+        counts = self.parameter_counts()
+        lines = [f"model: {self.name}", f"family: {c.family}", f"prediction type: {c.prediction_type}",
+                 f"UNet input channels: {c.unet.in_channels}" + (" (inpainting)" if c.inpainting else ""),
+                 f"default size: {c.sample_size}x{c.sample_size}"]
+        lines += [f"{name} parameters: {n / 1e6:.1f} M" for name, n in counts.items()]
+        lines.append(f"total parameters: {sum(counts.values()) / 1e6:.1f} M")
+        return "\n".join(lines)
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise SDTorchError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    return DTYPES[str(dtype).lower()]
+
+
+def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -> StableDiffusion:
+    """A randomly initialised model from a config or preset name (`device="meta"` allocates nothing)."""
+    name = config if isinstance(config, str) else config.family
+    if isinstance(config, str):
+        if config.lower() not in PRESETS:
+            raise SDTorchError(f"unknown preset {config!r}; presets are {', '.join(PRESETS)}")
+        config = PRESETS[config.lower()]
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        unet, vae, text = UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)
+    tokenizer = CLIPTokenizer.bundled(config.pad_token)
+    return StableDiffusion(unet.eval(), vae.eval(), text.eval(), tokenizer, config, name=f"{name} (random init)")
+
+
+def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema=False,
+         strict=True) -> StableDiffusion:
+    """Load a single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
+
+    dtype: None keeps the checkpoint's dtype; or fp32/bf16/fp16 (a string or torch dtype).
+    prediction_type: override "epsilon"/"v_prediction" when the file does not say (see `checkpoints.detect`).
+    config: a ModelConfig, preset name or diffusers folder describing the architecture of a single file.
+    use_ema: take the UNet's EMA weights from an original checkpoint that has them.
+    strict: False loads what matches and keeps fresh weights for the rest (the report says what).
+    """
+    config_, modules, tokenizer, report = checkpoints.read_checkpoint(
+        path_or_name, _dtype(dtype), prediction_type, config, use_ema, strict)
+    return StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,
+                           name=Path(path_or_name).name)

@@ -1,0 +1,230 @@
+"""CLIP's byte-level BPE tokenizer, written to give the same ids as `transformers.CLIPTokenizer`.
+
+The text encoder of Stable Diffusion is CLIP's (Radford et al. 2021, "Learning Transferable Visual
+Models From Natural Language Supervision"); its tokenizer is byte-pair encoding (Sennrich et al.
+2016, "Neural Machine Translation of Rare Words with Subword Units") over the UTF-8 bytes of
+lower-cased text, with `</w>` marking the last piece of each word.
+
+The pipeline follows the one transformers builds on the `tokenizers` library, step by step:
+1. literal special tokens (bos, eos, pad) are cut out of the raw text and kept as single ids (so
+   with SD2's pad token "!" a literal "!!" gives two ids 0, not the merged "!!", as transformers does);
+2. each remaining part is normalized: NFC, runs of whitespace -> " ", lower-cased one char at a time
+   (so a final "Σ" becomes "σ", never "ς");
+3. it is split by CLIP's pattern, then each piece again by GPT-2's byte-level pattern (this only
+   matters for a special token reached through lower-casing, e.g. "<|ENDOFTEXT|>");
+4. each word's UTF-8 bytes are mapped to printable chars and merged by BPE.
+
+Known skew: the reference's Unicode tables come from several versions (NFC: 9.0; regex classes and
+lower-casing: 16.0), ours from Python's `unicodedata` (14.0 on Python 3.11) and the `regex` package.
+Ids can differ only around code points whose data changed between those versions: ~100 combining
+marks added in Unicode 10-14, and letters/digits/case pairs added since 14 (tests/test_tokenizer.py
+computes the exact set). No ordinary prompt contains them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import unicodedata
+from importlib import resources
+from pathlib import Path
+
+import regex
+import torch
+
+from .errors import CheckpointError
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_WHITESPACE = regex.compile(r"\s+")
+_CLIP_SPLIT = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
+)
+# GPT-2's pattern less its space handling: CLIP's pieces contain no whitespace.
+_BYTE_LEVEL_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+""")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Map each byte to a printable char: printable Latin-1 bytes to themselves, the rest to 256+."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    return dict(zip(printable + others, chars))  # this order is also the order of the first 256 ids
+
+
+_BYTE_CHARS = bytes_to_unicode()
+
+
+def normalize(text: str) -> str:
+    """NFC, collapse whitespace runs to one space, lower-case char by char."""
+    text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))
+    return "".join(map(str.lower, text))
+
+
+def _json_token(folder: Path, key: str) -> str | None:
+    """Read a token from special_tokens_map.json or tokenizer_config.json (a string or {"content": ...})."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                return value
+    return None
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges from an HF `tokenizers` file (merges as "a b" strings or [a, b] pairs)."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return dict(model["vocab"]), merges
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a BPE tokenizer file ({e})") from None
+
+
+class CLIPTokenizer:
+    """Text -> CLIP token ids, padded to a fixed length; ids match `transformers.CLIPTokenizer`."""
+
+    def __init__(
+        self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS, max_length: int = 77
+    ):
+        for token in (BOS, EOS, pad_token):
+            if token not in vocab:
+                raise CheckpointError(f"tokenizer vocabulary lacks the token {token!r}")
+        self.vocab = dict(vocab)
+        self.merges = [tuple(pair) for pair in merges]
+        self.pad_token = pad_token
+        self._max_length = int(max_length)
+        self._decoder = {i: token for token, i in self.vocab.items()}
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._byte_values = {c: b for b, c in _BYTE_CHARS.items()}
+        specials = sorted({BOS, EOS, pad_token}, key=len, reverse=True)
+        self._special_split = regex.compile("(" + "|".join(map(regex.escape, specials)) + ")")
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def bundled(cls, pad_token: str = EOS) -> CLIPTokenizer:
+        """OpenAI's CLIP vocabulary shipped in the package (SD1 pads with eos, SD2 with "!")."""
+        data = resources.files("sdtorch") / "data" / "bpe_simple_vocab_16e6.txt.gz"
+        lines = gzip.decompress(data.read_bytes()).decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        tokens = list(_BYTE_CHARS.values())
+        tokens += [t + "</w>" for t in tokens] + ["".join(pair) for pair in merges] + [BOS, EOS]
+        return cls({t: i for i, t in enumerate(tokens)}, merges, pad_token=pad_token)
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> CLIPTokenizer:
+        """Load a diffusers/transformers tokenizer folder: vocab.json, merges.txt, special tokens json."""
+        folder = Path(path)
+        if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")  # transformers >= 5 writes only this
+        else:
+            for name in ("vocab.json", "merges.txt"):
+                if not (folder / name).is_file():
+                    raise CheckpointError(f"tokenizer file not found: {folder / name}")
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        max_length = 77
+        config = folder / "tokenizer_config.json"
+        if config.is_file():
+            value = json.loads(config.read_text(encoding="utf-8")).get("model_max_length")
+            max_length = value if isinstance(value, int) and 2 < value < 100_000 else 77
+        return cls(vocab, merges, pad_token=_json_token(folder, "pad_token") or EOS, max_length=max_length)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the folder layout that `transformers.CLIPTokenizer.from_pretrained` reads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "".join(f"{a} {b}\n" for a, b in self.merges)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+    @property
+    def bos_id(self) -> int:
+        """Id of `<|startoftext|>`."""
+        return self.vocab[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        """Id of `<|endoftext|>`."""
+        return self.vocab[EOS]
+
+    @property
+    def pad_id(self) -> int:
+        """Id that fills a row after eos."""
+        return self.vocab[self.pad_token]
+
+    @property
+    def max_length(self) -> int:
+        """Row length of `__call__`, bos and eos included."""
+        return self._max_length
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of entries in the vocabulary."""
+        return len(self.vocab)
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one pre-tokenized word: its bytes as chars, `</w>` on the last, merged by rank."""
+        if word in self._cache:
+            return self._cache[word]
+        parts = [_BYTE_CHARS[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda pair: self._ranks.get(pair, float("inf")))
+            if best not in self._ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):  # merge every occurrence of the best pair, left to right
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids = [self.vocab[p] for p in parts]
+        if len(self._cache) < 100_000:
+            self._cache[word] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without bos/eos and without truncation."""
+        ids: list[int] = []
+        for i, part in enumerate(self._special_split.split(text)):
+            if i % 2:  # odd parts are the captured special tokens
+                ids.append(self.vocab[part])
+                continue
+            for piece in _CLIP_SPLIT.findall(normalize(part)):
+                for word in _BYTE_LEVEL_SPLIT.findall(piece):
+                    ids.extend(self._bpe(word))
+        return ids
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """LongTensor [B, max_length]: bos, the first max_length-2 ids, eos, then pad."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = []
+        for text in texts:
+            row = [self.bos_id, *self.encode(text)[: self.max_length - 2], self.eos_id]
+            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
+
+    def decode(self, ids) -> str:
+        """Best-effort text of `ids`: skips bos, stops at the first eos, `</w>` becomes a space."""
+        data = bytearray()
+        for i in map(int, ids):
+            if i == self.eos_id:
+                break
+            token = "" if i == self.bos_id else self._decoder.get(i, "")
+            word_end = token.endswith("</w>")
+            data += bytes(self._byte_values[c] for c in token.removesuffix("</w>") if c in self._byte_values)
+            data += b" " if word_end else b""
+        return data.decode("utf-8", errors="replace").strip()
