@@ -83,7 +83,7 @@ def read_config(folder: Path) -> ModelConfig:
     return ModelConfig(family=family, unet=unet, vae=vae, text=text,
                        prediction_type=s.get("prediction_type", "epsilon"),
                        pad_token="!" if family == "sd2" else "<|endoftext|>",
-                       sample_size=u.get("sample_size", 64) * 2 ** (len(vae.block_channels) - 1),
+                       sample_size=(u.get("sample_size") or 64) * 2 ** (len(vae.block_channels) - 1),
                        num_train_timesteps=s.get("num_train_timesteps", 1000), beta_start=s.get("beta_start", 0.00085),
                        beta_end=s.get("beta_end", 0.012), beta_schedule=s.get("beta_schedule", "scaled_linear"))
 

@@ -1,0 +1,85 @@
+"""The `sdtorch` command line. Failures a user can fix end with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import PRESETS
+from .errors import SDTorchError
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="architecture of a single file: a preset name or a diffusers folder")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override detection")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load in this dtype (default: the file's)")
+    p.add_argument("--ema", action="store_true", help="use the UNet's EMA weights of an original checkpoint")
+    p.add_argument("--partial", action="store_true", help="load what matches instead of failing on mismatches")
+
+
+def _load(args):
+    from . import pipeline
+
+    if args.model.lower() in PRESETS and not Path(args.model).exists():
+        return pipeline.build(args.model, device="meta")  # architecture only: allocates nothing
+    return pipeline.load(args.model, dtype=args.dtype, prediction_type=args.prediction_type, config=args.config,
+                         use_ema=args.ema, strict=not args.partial)
+
+
+def cmd_info(args) -> None:
+    model = _load(args)
+    print(model.summary())
+    if model.report is not None:
+        print(model.report)
+
+
+def cmd_convert(args) -> None:
+    dst = Path(args.output)
+    if not dst.parent.is_dir():
+        raise SDTorchError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.suffix not in ("", ".safetensors"):
+        raise SDTorchError(f"{dst}: write a .safetensors file or a folder (pickles like {dst.suffix} are unsafe)")
+    model = _load(args)
+    if model.report is None:
+        raise SDTorchError(f"{args.model}: a preset has no weights to convert; give a checkpoint")
+    if dst.suffix == ".safetensors":
+        model.save_single_file(dst, dtype=args.save_dtype)
+    else:
+        model.save_diffusers(dst, dtype=args.save_dtype)
+    print(f"wrote {dst}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion in readable PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe a checkpoint, diffusers folder or preset")
+    p.add_argument("model", help=f"a .safetensors/.ckpt file, a diffusers folder, or a preset ({', '.join(PRESETS)})")
+    _add_load_flags(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert between original single files and diffusers folders")
+    p.add_argument("model", help="source: a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("output", help="destination: NAME.safetensors (original layout) or a folder (diffusers layout)")
+    p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    _add_load_flags(p)
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SDTorchError as e:
+        print(f"sdtorch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdtorch: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
