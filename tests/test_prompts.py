@@ -189,6 +189,8 @@ def test_break_starts_a_new_chunk():
     assert [inner(c, tok) for c in chunks] == [tok.encode("a cat"), tok.encode("a dog")]
     assert chunks[1].weights[1:3] == pytest.approx([1.1, 1.1])
     assert len(tokenize_weighted(tok, "a cat BREAK")) == 1
+    nested = tokenize_weighted(tok, "((a cat BREAK a dog))")  # a BREAK inside brackets still splits
+    assert [inner(c, tok) for c in nested] == [tok.encode("a cat"), tok.encode("a dog")]
     lead = tokenize_weighted(tok, "BREAK a cat")  # an empty first chunk, as in A1111
     assert [inner(c, tok) for c in lead] == [[], tok.encode("a cat")]
     full = tokenize_weighted(tok, words(75) + " BREAK dog")

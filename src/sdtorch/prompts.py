@@ -171,7 +171,7 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """
     z = hidden.float()
     weighted = z * weights.to(z)[..., None]
-    restored = weighted * (z.mean() / weighted.mean((1, 2), keepdim=True))
+    restored = weighted * (z.mean((1, 2), keepdim=True) / weighted.mean((1, 2), keepdim=True))
     plain = (weights == 1).all(dim=1)[:, None, None]
     return torch.where(plain, hidden, restored.to(hidden.dtype))
 
@@ -192,8 +192,8 @@ def _encode(text_encoder: nn.Module, tokenizer: CLIPTokenizer, batch: list[list[
     ids = torch.tensor([row.ids for row in rows], dtype=torch.long, device=device)  # [B*k, T]
     weights = torch.tensor([row.weights for row in rows], dtype=torch.float32, device=device)
     hidden = apply_weights(text_encoder(ids, clip_skip=clip_skip), weights)  # [B*k, T, C]
-    B, (_, T, C) = len(batch), hidden.shape
-    return hidden.reshape(B, k * T, C)
+    _, T, C = hidden.shape
+    return hidden.reshape(len(batch), k * T, C)  # [B*k, T, C] -> [B, k*T, C]
 
 
 def encode_prompt(text_encoder: nn.Module, tokenizer: CLIPTokenizer, prompt: str | list[str], clip_skip: int = 1,
