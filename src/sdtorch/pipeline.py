@@ -42,6 +42,48 @@ class StableDiffusion:
     def save_single_file(self, path, dtype=None) -> Path:
         return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype))
 
+    def _run(self, prompt, source, mask, output_type, progress, **kw):
+        from . import generation, images
+
+        c = self.config
+        if kw.get("width") is None:
+            kw["width"] = c.sample_size if source is None else source.shape[-1]
+        if kw.get("height") is None:
+            kw["height"] = c.sample_size if source is None else source.shape[-2]
+        kw = {k: v for k, v in kw.items() if v is not None or k == "seed"}
+        req = generation.Request(prompt=prompt, **kw)
+        out, seeds = generation.generate(self, req, source, mask, progress=progress)
+        self.last_seeds = seeds
+        return out if output_type == "tensor" else images.to_pil(out)
+
+    def txt2img(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
+                height: int | None = None, steps: int = 20, guidance: float = 7.5, sampler: str = "dpmpp_2m",
+                seed: int | None = None, batch_size: int = 1, output_type: str = "pil", progress: bool = False,
+                **opts):
+        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale. Seeds: seed, seed + 1, ..."""
+        return self._run(prompt, None, None, output_type, progress, negative_prompt=negative_prompt, width=width,
+                         height=height, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+                         batch_size=batch_size, **opts)
+
+    def img2img(self, image, prompt: str, *, strength: float = 0.75, output_type: str = "pil",
+                progress: bool = False, **kw):
+        """Start from `image` (PIL or path) noised to the level `strength` selects, then denoise."""
+        from . import images
+
+        source = images.to_tensor(images.open_image(image))
+        return self._run(prompt, source, None, output_type, progress, strength=strength, **kw)
+
+    def inpaint(self, image, mask, prompt: str, *, output_type: str = "pil", progress: bool = False, **kw):
+        """Repaint where `mask` is white; a 9-channel model gets the mask as input, others blend."""
+        from . import images
+
+        source_img, mask_img = images.open_image(image), images.open_image(mask, "L")
+        if source_img.size != mask_img.size:
+            raise SDTorchError(f"mask size {mask_img.size[0]}x{mask_img.size[1]} does not match image size "
+                               f"{source_img.size[0]}x{source_img.size[1]}")
+        return self._run(prompt, images.to_tensor(source_img), images.mask_to_tensor(mask_img), output_type,
+                         progress, **kw)
+
     def summary(self) -> str:
         c = self.config
         counts = self.parameter_counts()

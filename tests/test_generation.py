@@ -1,0 +1,85 @@
+"""The three pipelines on a tiny random model: shapes, seeds, batch independence, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import sdtorch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sdtorch.build("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_inpaint():
+    return sdtorch.build(sdtorch.TINY.replace(unet={"in_channels": 9}))
+
+
+def test_txt2img_is_reproducible_and_batch_independent(tiny):
+    a = tiny.txt2img("a red circle", steps=4, seed=7, output_type="tensor")
+    b = tiny.txt2img("a red circle", steps=4, seed=7, output_type="tensor")
+    assert a.shape == (1, 3, 64, 64) and torch.equal(a, b)
+    batch = tiny.txt2img("a red circle", steps=4, seed=6, batch_size=2, output_type="tensor")
+    assert tiny.last_seeds == [6, 7]
+    assert torch.equal(batch[1:], a), "image 2 of a batch must equal the single image of its seed"
+    assert not torch.equal(batch[0], batch[1])
+    other = tiny.txt2img("a blue square", steps=4, seed=7, output_type="tensor")
+    assert not torch.equal(other, a)
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_sde", "ddim"])
+def test_every_kind_of_sampler_runs_seeded(tiny, sampler):
+    a = tiny.txt2img("x", steps=3, seed=1, sampler=sampler, output_type="tensor", width=32, height=48)
+    assert a.shape == (1, 3, 48, 32) and torch.isfinite(a).all()
+    assert torch.equal(a, tiny.txt2img("x", steps=3, seed=1, sampler=sampler, output_type="tensor",
+                                       width=32, height=48))
+
+
+def test_img2img_strength(tiny):
+    src = Image.new("RGB", (64, 64), (200, 30, 30))
+    zero = tiny.img2img(src, "x", strength=0.0, steps=4, seed=0, output_type="tensor")
+    full = tiny.img2img(src, "x", strength=1.0, steps=4, seed=0, output_type="tensor")
+    recon = sdtorch.generation.decode(tiny.vae, tiny.vae.encode(sdtorch.images.to_tensor(src)).mode())
+    torch.testing.assert_close(zero, recon, rtol=0, atol=1e-5)  # strength 0 runs no step: a VAE round trip
+    assert not torch.equal(full, zero)
+    pil = tiny.img2img(src, "x", strength=0.5, steps=4, seed=0)
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("which", ["blend", "nine_channel"])
+def test_inpaint_keeps_or_conditions_on_known_region(which, tiny, tiny_inpaint):
+    model = tiny if which == "blend" else tiny_inpaint
+    src = Image.new("RGB", (64, 64), (30, 30, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    out = model.inpaint(src, mask, "x", steps=4, seed=0, output_type="tensor")
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert not torch.equal(out, model.inpaint(src, mask, "x", steps=4, seed=1, output_type="tensor"))
+    with pytest.raises(sdtorch.SDTorchError, match="does not match"):
+        model.inpaint(src, Image.new("L", (32, 32)), "x", steps=2)
+
+
+def test_inpaint_blend_returns_source_in_known_region():
+    source, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    seen = []
+    blend = sdtorch.generation.InpaintBlend(lambda x, s, **kw: seen.append(x) or torch.randn_like(x),
+                                            source, mask, noise)
+    out = blend(torch.randn(1, 4, 8, 8), torch.tensor([2.0]))
+    assert torch.equal(out[..., 4:], source[..., 4:])
+    assert torch.allclose(seen[0][..., 4:], source[..., 4:] + 2.0 * noise[..., 4:])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=60), "multiples of 8"), (dict(steps=0), "at least 1"), (dict(sampler="nope"), "valid samplers"),
+])
+def test_bad_requests(tiny, kwargs, message):
+    with pytest.raises(sdtorch.SDTorchError, match=message):
+        tiny.txt2img("x", **kwargs)
+    with pytest.raises(sdtorch.SDTorchError, match=r"strength must be in \[0, 1\]"):
+        tiny.img2img(Image.new("RGB", (64, 64)), "x", strength=1.5)
