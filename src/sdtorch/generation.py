@@ -100,17 +100,15 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     latent_shape = (1, model.config.unet.out_channels, req.height // factor, req.width // factor)
     cond, uncond = prompts.encode_pair(model.text_encoder, model.tokenizer, [req.prompt], [req.negative_prompt],
                                        clip_skip=req.clip_skip)
+    vp = next(vae.parameters())
+    encode = lambda img: vae.encode(img.to(vp.device, vp.dtype)).mode().to(device, dtype) * scale  # noqa: E731
     init = extra = latent_mask = None
     if source is not None:
-        vp = next(vae.parameters())
-        init = vae.encode(source.to(vp.device, vp.dtype)).mode().to(device, dtype) * scale
+        init = encode(source)
     if mask is not None:
         latent_mask = F.interpolate(mask.float(), size=latent_shape[2:], mode="nearest").to(device, dtype)
         if model.config.inpainting:
-            masked = source * (mask < 0.5)
-            vp = next(vae.parameters())
-            masked_latents = vae.encode(masked.to(vp.device, vp.dtype)).mode().to(device, dtype) * scale
-            extra = torch.cat([latent_mask, masked_latents], dim=1)
+            extra = torch.cat([latent_mask, encode(source * (mask < 0.5))], dim=1)
 
     denoiser = denoiser_for(_unet_fn(unet, extra), model.config)
     guided = CFGDenoiser(denoiser, req.guidance, req.guidance_rescale)

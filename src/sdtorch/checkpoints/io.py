@@ -28,18 +28,13 @@ class StateDict(Mapping):
 
     def __init__(self, path: Path, keys: list[str], get, shape, metadata: dict[str, str] | None = None):
         self.path, self._keys, self._get, self._shape = path, keys, get, shape
+        self._keyset = set(keys)
         self.metadata = metadata or {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keyset:
             raise KeyError(key)
         return self._get(key)
-
-    @property
-    def _keyset(self) -> set[str]:
-        if not hasattr(self, "_ks"):
-            self._ks = set(self._keys)
-        return self._ks
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

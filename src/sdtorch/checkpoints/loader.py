@@ -89,8 +89,10 @@ def load_component(name: str, factory: Callable[[], nn.Module], sources: Mapping
                    sd: StateDict, dtype: torch.dtype | None, strict: bool) -> tuple[nn.Module, ComponentReport]:
     """Build the module and fill it from `sd`; `sources` maps each parameter to its stored tensor."""
     report = ComponentReport(name, str(sd.path))
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in factory().state_dict().items()}
+    # Strict: an empty (meta) module to fill. Partial: what the file lacks keeps its fresh initialisation.
+    with torch.device("meta" if strict else "cpu"):
+        module = factory()
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     plan = {}
     for key, shape in expected.items():
         src = sources[key]
@@ -105,11 +107,6 @@ def load_component(name: str, factory: Callable[[], nn.Module], sources: Mapping
     if strict and not report.ok:
         return None, report
 
-    if strict:
-        with torch.device("meta"):
-            module = factory()
-    else:  # a partial load: what the file lacks keeps its fresh initialisation
-        module = factory()
     tensors = {}
     for key, src in plan.items():
         t = _apply(sd[src.key], src.transform)
