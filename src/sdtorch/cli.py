@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
     _add_load_flags(p)
     p.set_defaults(func=cmd_convert)
+
+    from .cli_generate import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,73 @@
+"""AUTOMATIC1111's generation parameters text (the PNG `parameters` chunk): writing and reading it.
+
+Format, as A1111 writes it:
+
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, ...
+
+Values that contain a comma, colon or quote are written as JSON strings, as A1111 does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from .errors import SDTorchError
+
+A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+               "heun": "Heun", "dpm2": "DPM2", "lms": "LMS", "dpmpp_2m": "DPM++ 2M",
+               "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE"}
+SDTORCH_NAMES = {v: k for k, v in A1111_NAMES.items()}
+
+
+def model_hash(path) -> str:
+    """A1111's "AutoV2" hash: the first 10 hex digits of the file's SHA-256 (for a diffusers folder,
+    of its UNet weights file)."""
+    path = Path(path)
+    if path.is_dir():
+        from .checkpoints.diffusers_folder import weight_file
+
+        path = weight_file(path, "unet")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+
+def build(prompt: str, negative_prompt: str, fields: dict) -> str:
+    """The parameters text for one image; `fields` in A1111 order (Steps, Sampler, CFG scale, ...)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields) from a parameters text."""
+    *head, last = text.strip().split("\n")
+    if not _FIELD.match(last) or "Steps:" not in last:
+        raise SDTorchError("the PNG parameters text has no 'Steps: ...' line (not written by sdtorch or A1111)")
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    fields = {}
+    for m in _FIELD.finditer(last):
+        key, value = m.group(1).strip(), m.group(2).strip()
+        fields[key] = json.loads(value) if value.startswith('"') else value
+    return "\n".join(prompt_lines), "\n".join(negative_lines), fields
