@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 
 import sdtorch
+import sdtorch.generation
+import sdtorch.images
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,21 @@ def test_bad_requests(tiny, kwargs, message):
         tiny.txt2img("x", **kwargs)
     with pytest.raises(sdtorch.SDTorchError, match=r"strength must be in \[0, 1\]"):
         tiny.img2img(Image.new("RGB", (64, 64)), "x", strength=1.5)
+
+
+def test_nan_guard_decodes_again_in_fp32():
+    """fp16 overflows (|activation| > 65504) where fp32 does not: the guard re-decodes in fp32 and warns."""
+    vae = sdtorch.build("tiny").vae
+    with torch.no_grad():
+        w = vae.decoder.conv_in.weight
+        w.mul_(6e4 / w.abs().max())  # representable in fp16, but the conv's sums are not
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        reference = sdtorch.generation.decode(vae, z)
+        vae.half()
+        assert not torch.isfinite(vae.decode(z.half())).all()
+        with pytest.warns(UserWarning, match="decoding again in float32"):
+            guarded = sdtorch.generation.decode(vae, z)
+    assert torch.isfinite(guarded).all()
+    torch.testing.assert_close(guarded, reference, atol=2e-2, rtol=0)  # weights were rounded to fp16
+    assert next(vae.parameters()).dtype == torch.float16, "the VAE goes back to its own dtype"

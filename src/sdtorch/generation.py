@@ -140,11 +140,12 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to [0, 1]; if reduced precision overflows to NaN/inf, decode again in fp32 and warn."""
-    vp = next(vae.parameters())
-    image = vae.decode(latents.to(vp.device, vp.dtype))
-    if not torch.isfinite(image).all() and vp.dtype != torch.float32:
-        warnings.warn(f"VAE decode in {vp.dtype} gave NaN/inf; decoding again in float32", stacklevel=2)
+    p = next(vae.parameters())
+    device, dtype = p.device, p.dtype  # read now: .float() below converts p itself
+    image = vae.decode(latents.to(device, dtype))
+    if not torch.isfinite(image).all() and dtype != torch.float32:
+        warnings.warn(f"VAE decode in {dtype} gave NaN/inf; decoding again in float32", stacklevel=2)
         vae.float()
-        image = vae.decode(latents.float().to(vp.device))
-        vae.to(vp.dtype)
+        image = vae.decode(latents.float().to(device))
+        vae.to(dtype)
     return ((image.float() + 1) / 2).clamp(0, 1).cpu()
