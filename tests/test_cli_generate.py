@@ -63,6 +63,10 @@ def test_img2img_and_inpaint(model_file, tmp_path):
     params = Image.open(tmp_path / "inp.png").info["parameters"]
     assert "Schedule type: Karras" in params and "Mode: inpaint" in params
     assert_one_line_error(["replay", tmp_path / "inp.png"], "text-to-image runs only")
+    code, _, err = run_cli("outpaint", tmp_path / "src.png", "a circle", "-m", model_file, "--pad", "8", "0", "8", "0",
+                           "--steps", "2", "--seed", "1", "-o", tmp_path / "out.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "out.png").size == (80, 64)
 
 
 def test_bad_generation_input_leaves_no_file(model_file, tmp_path):

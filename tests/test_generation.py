@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -103,3 +104,22 @@ def test_nan_guard_decodes_again_in_fp32():
     assert torch.isfinite(guarded).all()
     torch.testing.assert_close(guarded, reference, atol=2e-2, rtol=0)  # weights were rounded to fp16
     assert next(vae.parameters()).dtype == torch.float16, "the VAE goes back to its own dtype"
+
+
+def test_outpaint_pads_with_edges_and_masks_only_new_area(tiny):
+    src = Image.new("RGB", (48, 64), (10, 200, 30))
+    padded, mask = sdtorch.images.pad_for_outpaint(src, left=8, right=8)
+    assert padded.size == (64, 64) and mask.size == (64, 64)
+    m = np.asarray(mask)
+    assert (m[:, :8] == 255).all() and (m[:, 56:] == 255).all() and (m[:, 8:56] == 0).all()
+    assert padded.getpixel((0, 0)) == (10, 200, 30)
+    out = tiny.outpaint(src, "x", left=8, right=8, steps=2, seed=0, output_type="tensor")
+    assert out.shape == (1, 3, 64, 64)
+    with pytest.raises(sdtorch.SDTorchError, match="non-negative"):
+        tiny.outpaint(src, "x", left=-8)
+
+
+def test_img2img_at_another_size_resizes_the_source(tiny):
+    src = Image.new("RGB", (64, 64), (200, 30, 30))
+    out = tiny.img2img(src, "x", strength=0.5, steps=2, seed=0, width=32, height=48, output_type="tensor")
+    assert out.shape == (1, 3, 48, 32)

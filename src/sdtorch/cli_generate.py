@@ -91,6 +91,9 @@ def run(args, kind: str) -> None:
         images = model.txt2img(req.prompt, **common)
     elif kind == "img2img":
         images = model.img2img(args.image, req.prompt, strength=req.strength, **common)
+    elif kind == "outpaint":
+        left, top, right, bottom = args.pad
+        images = model.outpaint(args.image, req.prompt, left=left, top=top, right=right, bottom=bottom, **common)
     else:
         images = model.inpaint(args.image, args.mask, req.prompt, **common)
     digest = infotext.model_hash(args.model)
@@ -165,12 +168,20 @@ def add_commands(sub) -> None:
     add_generation_flags(p, strength=True)
     p.set_defaults(func=lambda a: run(a, "img2img"))
 
-    p = sub.add_parser("inpaint", help="repaint where the mask is white (outpaint: pad the image first)")
+    p = sub.add_parser("inpaint", help="repaint where the mask is white")
     p.add_argument("image")
     p.add_argument("mask")
     p.add_argument("prompt")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "inpaint"))
+
+    p = sub.add_parser("outpaint", help="extend the canvas: pad the image, then inpaint the new area")
+    p.add_argument("image")
+    p.add_argument("prompt")
+    p.add_argument("--pad", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), required=True,
+                   help="pixels to add on each side (the new size must stay a multiple of 8)")
+    add_generation_flags(p)
+    p.set_defaults(func=lambda a: run(a, "outpaint"))
 
     p = sub.add_parser("replay", help="regenerate a PNG from its parameters text, bit-identically on the CPU")
     p.add_argument("image")

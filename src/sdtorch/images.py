@@ -39,3 +39,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] -> PIL images (rounded to 8 bits)."""
     arr = (images.permute(0, 2, 3, 1).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
+
+
+def pad_for_outpaint(image: Image.Image, left: int = 0, top: int = 0, right: int = 0,
+                     bottom: int = 0) -> tuple[Image.Image, Image.Image]:
+    """Extend the canvas by repeating the edge pixels; the mask is white over the new area only."""
+    if min(left, top, right, bottom) < 0:
+        raise SDTorchError(f"outpaint padding must be non-negative, got {(left, top, right, bottom)}")
+    a = np.asarray(image.convert("RGB"))
+    padded = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(padded.shape[:2], 255, dtype=np.uint8)
+    mask[top:top + a.shape[0], left:left + a.shape[1]] = 0
+    return Image.fromarray(padded), Image.fromarray(mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import checkpoints
 from .config import PRESETS, ModelConfig
@@ -52,6 +53,12 @@ class StableDiffusion:
             kw["height"] = c.sample_size if source is None else source.shape[-2]
         kw = {k: v for k, v in kw.items() if v is not None or k == "seed"}
         req = generation.Request(prompt=prompt, **kw)
+        req.validate()
+        if source is not None and tuple(source.shape[-2:]) != (req.height, req.width):
+            # A requested size other than the image's: resize the image (and mask) to it, as A1111 does.
+            source = F.interpolate(source, size=(req.height, req.width), mode="bicubic", align_corners=False)
+            if mask is not None:
+                mask = F.interpolate(mask, size=(req.height, req.width), mode="nearest")
         out, seeds = generation.generate(self, req, source, mask, progress=progress)
         self.last_seeds = seeds
         return out if output_type == "tensor" else images.to_pil(out)
@@ -83,6 +90,14 @@ class StableDiffusion:
                                f"{source_img.size[0]}x{source_img.size[1]}")
         return self._run(prompt, images.to_tensor(source_img), images.mask_to_tensor(mask_img), output_type,
                          progress, **kw)
+
+    def outpaint(self, image, prompt: str, *, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
+                 **kw):
+        """Extend the image by the given pixels on each side: pad it, then inpaint the new area."""
+        from . import images
+
+        padded, mask = images.pad_for_outpaint(images.open_image(image), left, top, right, bottom)
+        return self.inpaint(padded, mask, prompt, **kw)
 
     def summary(self) -> str:
         c = self.config
