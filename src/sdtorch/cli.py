@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(p)
     p.set_defaults(func=cmd_convert)
 
-    from .cli_generate import add_commands
+    from . import cli_generate, cli_train
 
-    add_commands(sub)
+    cli_generate.add_commands(sub)
+    cli_train.add_commands(sub)
     return parser
 
 

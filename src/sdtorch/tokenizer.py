@@ -114,6 +114,34 @@ class CLIPTokenizer:
         return cls({t: i for i, t in enumerate(tokens)}, merges, pad_token=pad_token)
 
     @classmethod
+    def train(cls, texts: list[str], vocab_size: int = 1024) -> CLIPTokenizer:
+        """A CLIP-style BPE learnt from `texts` with HF `tokenizers` (Sennrich et al. 2016): the same
+        normalisation, splitting and byte alphabet as CLIP, so this class encodes with it unchanged."""
+        import tempfile
+
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        def words(text):
+            for piece in _CLIP_SPLIT.findall(normalize(text)):
+                for word in _BYTE_LEVEL_SPLIT.findall(piece):
+                    yield "".join(_BYTE_CHARS[b] for b in word.encode("utf-8"))
+
+        alphabet = list(_BYTE_CHARS.values())
+        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+        bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the words above contain no space
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=alphabet,
+                                      end_of_word_suffix="</w>", show_progress=False)
+        bpe.train_from_iterator((" ".join(words(t)) for t in texts), trainer)
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab_file, merges_file = bpe.model.save(tmp)
+            vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+            lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        for token in alphabet + [c + "</w>" for c in alphabet]:  # every byte must stay encodable
+            vocab.setdefault(token, len(vocab))
+        return cls(vocab, merges)
+
+    @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
         """Load a diffusers/transformers tokenizer folder: vocab.json, merges.txt, special tokens json."""
         folder = Path(path)

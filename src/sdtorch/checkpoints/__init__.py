@@ -24,7 +24,8 @@ from .io import StateDict, read_state_dict, write_safetensors
 from .keymaps import SD1_TEXT_PREFIX, Source
 from .loader import LoadReport, check, load_component
 
-__all__ = ["LoadReport", "read_checkpoint", "save_diffusers", "save_single_file", "read_state_dict"]
+__all__ = ["LoadReport", "load_vae", "read_checkpoint", "read_state_dict", "save_diffusers", "save_single_file",
+           "save_vae"]
 
 FACTORIES = {"unet": lambda c: UNet(c.unet), "vae": lambda c: AutoencoderKL(c.vae),
              "text_encoder": lambda c: CLIPTextModel(c.text)}
@@ -183,3 +184,28 @@ def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer,
     tokenizer.save(folder / "tokenizer")
     (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
     return folder
+
+
+def save_vae(vae: AutoencoderKL, folder, sample_size: int) -> Path:
+    """Write an autoencoder alone as diffusers' AutoencoderKL folder (`config.json` + weights)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig(family="sd1", vae=vae.config, sample_size=sample_size)
+    (folder / "config.json").write_text(json.dumps(diffusers_folder.component_configs(config)["vae"], indent=2))
+    write_safetensors(_state(vae, None), folder / diffusers_folder.WEIGHT_FILES["vae"][0], metadata={"format": "pt"})
+    return folder
+
+
+def load_vae(path, dtype=None) -> AutoencoderKL:
+    """An autoencoder from an AutoencoderKL folder (`save_vae`), or the VAE of any model `read_checkpoint`
+    opens (a diffusers folder or a single file)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        cfg = diffusers_folder.vae_config(json.loads((path / "config.json").read_text()))
+        sd = read_state_dict(path / diffusers_folder.WEIGHT_FILES["vae"][0])
+        sources = {k: Source(k) for k in _keys("vae", ModelConfig(family="sd1", vae=cfg))}
+        vae, report = load_component("vae", lambda: AutoencoderKL(cfg), sources, sd, dtype, True)
+        full = LoadReport(str(path), "diffusers", [report], unexpected=[k for k in sd if k not in sources])
+        check(full, True)
+        return vae
+    return read_checkpoint(path, dtype)[1]["vae"]

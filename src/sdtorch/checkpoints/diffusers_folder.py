@@ -52,6 +52,13 @@ def _heads(cfg: dict, channels: tuple[int, ...]) -> dict:
     raise CheckpointError(f"unsupported UNet attention heads {counts} for channels {channels}")
 
 
+def vae_config(v: dict) -> VAEConfig:
+    """A VAEConfig from diffusers' AutoencoderKL config.json."""
+    return VAEConfig(in_channels=v.get("in_channels", 3), latent_channels=v.get("latent_channels", 4),
+                     block_channels=tuple(v["block_out_channels"]), layers_per_block=v.get("layers_per_block", 2),
+                     norm_groups=v.get("norm_num_groups", 32), scaling_factor=v.get("scaling_factor", 0.18215))
+
+
 def read_config(folder: Path) -> ModelConfig:
     """Translate the component configs of a diffusers folder into a ModelConfig."""
     _json(folder / "model_index.json")
@@ -71,9 +78,7 @@ def read_config(folder: Path) -> ModelConfig:
         transformer_depth=depth if isinstance(depth, int) else depth[0],
         linear_projection=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32),
         **_heads(u, channels))
-    vae = VAEConfig(in_channels=v.get("in_channels", 3), latent_channels=v.get("latent_channels", 4),
-                    block_channels=tuple(v["block_out_channels"]), layers_per_block=v.get("layers_per_block", 2),
-                    norm_groups=v.get("norm_num_groups", 32), scaling_factor=v.get("scaling_factor", 0.18215))
+    vae = vae_config(v)
     text = TextConfig(vocab_size=t["vocab_size"], max_positions=t.get("max_position_embeddings", 77),
                       width=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
                       mlp_width=t["intermediate_size"], activation=t.get("hidden_act", "quick_gelu"),

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
 from .blocks import Attention, Downsample, ResBlock, Upsample
@@ -171,6 +172,12 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # recompute block activations in backward to save memory
+
+    def _block(self, module: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
@@ -178,27 +185,28 @@ class UNet(nn.Module):
         emb = self.time_embedding(timestep_embedding(t, self.config.block_channels[0]).to(x.dtype))
         context = context.to(x.dtype)
 
+        block = self._block
         h = self.conv_in(x)
         skips = [h]
         for level in self.down_blocks:
             for i, resnet in enumerate(level.resnets):
-                h = resnet(h, emb)
+                h = block(resnet, h, emb)
                 if level.attentions is not None:
-                    h = level.attentions[i](h, context)
+                    h = block(level.attentions[i], h, context)
                 skips.append(h)
             if level.resampler is not None:
                 h = level.resampler(h)
                 skips.append(h)
 
-        h = self.mid_block.resnets[0](h, emb)
-        h = self.mid_block.attentions[0](h, context)
-        h = self.mid_block.resnets[1](h, emb)
+        h = block(self.mid_block.resnets[0], h, emb)
+        h = block(self.mid_block.attentions[0], h, context)
+        h = block(self.mid_block.resnets[1], h, emb)
 
         for level in self.up_blocks:
             for i, resnet in enumerate(level.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                h = block(resnet, torch.cat([h, skips.pop()], dim=1), emb)
                 if level.attentions is not None:
-                    h = level.attentions[i](h, context)
+                    h = block(level.attentions[i], h, context)
             if level.resampler is not None:
                 h = level.resampler(h, size=skips[-1].shape[-2:])  # match the skip for odd sizes
 

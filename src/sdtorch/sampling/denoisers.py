@@ -92,12 +92,37 @@ class DiscreteDenoiser(nn.Module):
         return x * c_skip + out * c_out
 
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """What the network should output for x = x0 + sigma * noise."""
+        raise NotImplementedError
+
+    def loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, min_snr_gamma: float | None = None,
+             **kwargs) -> torch.Tensor:
+        """Per-sample training loss at integer timesteps t: mean squared error between the network's output
+        on x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise and its target (DDPM eq. 14, "L_simple"), optionally
+        weighted by min(SNR, gamma) / SNR for eps or min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023,
+        "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9 and sec. 3.4)."""
+        sigma = self.sigmas[t.long()].to(x0.device)
+        c_in = append_dims((sigma ** 2 + 1) ** -0.5, x0.ndim).to(x0.dtype)
+        x_t = (x0 + noise * append_dims(sigma, x0.ndim).to(x0.dtype)) * c_in  # VP sample of DDPM eq. 4
+        out = self.inner_model(x_t, t.to(x0.dtype), **kwargs)
+        err = (out.float() - self.target(x0, noise, sigma).float()).pow(2).flatten(1).mean(1)
+        if min_snr_gamma is not None:
+            snr = sigma.float() ** -2
+            weight = snr.clamp(max=min_snr_gamma) / (snr if isinstance(self, EpsDenoiser) else snr + 1)
+            err = err * weight
+        return err
+
+
 class EpsDenoiser(DiscreteDenoiser):
     """For a network that predicts the noise eps: D = x - sigma * eps(x / sqrt(sigma^2 + 1), t)
     (Karras et al. 2022, table 1, VP column: c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1))."""
 
     def get_scalings(self, sigma):
         return torch.ones_like(sigma), -sigma, (sigma ** 2 + 1) ** -0.5
+
+    def target(self, x0, noise, sigma):
+        return noise
 
 
 class VDenoiser(DiscreteDenoiser):
@@ -108,6 +133,11 @@ class VDenoiser(DiscreteDenoiser):
     def get_scalings(self, sigma):
         c_in = (sigma ** 2 + 1) ** -0.5
         return 1 / (sigma ** 2 + 1), -sigma * c_in, c_in
+
+    def target(self, x0, noise, sigma):
+        """v = alpha eps - sigma_vp x0 with alpha = 1 / sqrt(sigma^2 + 1), sigma_vp = sigma * alpha."""
+        alpha = append_dims((sigma ** 2 + 1) ** -0.5, x0.ndim).to(x0.dtype)
+        return alpha * noise - append_dims(sigma, x0.ndim).to(x0.dtype) * alpha * x0
 
 
 def denoiser_for(model: Callable[..., torch.Tensor], config, quantize: bool = False) -> DiscreteDenoiser:

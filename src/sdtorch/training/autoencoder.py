@@ -1,0 +1,203 @@
+"""`sdtorch train-vae`: the KL autoencoder of LDM (Rombach et al. 2022, sec. 3.1 and appendix G).
+
+Loss = reconstruction (L1 or MSE, + optional LPIPS) + kl_weight * KL, and, from `disc_start` on, a
+PatchGAN hinge loss weighted adaptively at the decoder's last layer (Esser et al. 2021, eq. 7).
+Held-out PSNR and SSIM are logged at every evaluation. Checkpoints, resume, logs and torchrun work as
+in `sdtorch train` (see `diffusion.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checkpoints
+from ..config import PRESETS
+from ..errors import SDTorchError
+from ..models import AutoencoderKL
+from . import common, losses
+from .data import ImageCaptionDataset, collate
+
+
+@dataclass
+class VAETrainArgs:
+    data: str  # image folder (captions are not used)
+    output: str  # run folder: checkpoints/, vae/, log.jsonl, loss.png, reconstructions.png
+    config: str = "tiny"  # a preset name or a ModelConfig JSON file; its `vae` part is used
+    init: str | None = None  # start from this autoencoder instead of random weights
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    batch_size: int = 8  # per process
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    warmup: int = 100
+    max_steps: int = 1000
+    clip_grad: float = 1.0
+    rec_loss: str = "l1"  # "l1" or "mse"
+    kl_weight: float = 1e-6
+    lpips: str | None = None  # local LPIPS weights file; without it the perceptual loss is off
+    lpips_weight: float = 1.0
+    disc_start: int = 500  # step at which the adversarial loss switches on
+    disc_weight: float = 0.5
+    disc_norm: str = "group"  # "group" is per-sample (identical under any batch split); "batch" as pix2pix
+    bf16: bool = False
+    val_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 100
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = False
+    progress: bool = True
+
+
+class Reconstruct(torch.nn.Module):
+    """Encode, draw from the posterior with the given standard-normal `eps`, decode: the forward pass
+    that DistributedDataParallel wraps."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps_fn):
+        post = self.vae.encode(x)
+        return self.vae.decode(post.mean + post.std * eps_fn(post.mean.shape[1:])), post
+
+
+def vae_config(args: VAETrainArgs):
+    if args.config.lower() in PRESETS:
+        return PRESETS[args.config.lower()].vae
+    from ..checkpoints.detect import config_from_json
+
+    try:
+        return config_from_json(json.loads(Path(args.config).read_text())).vae
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SDTorchError(f"{args.config}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
+
+
+def train(args: VAETrainArgs) -> Path:
+    dist = common.init_distributed()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
+                                  random_flip=args.random_flip, seed=args.seed)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = min(args.val_size, len(dataset) // 10)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) < args.batch_size * dist.world:
+        raise SDTorchError(f"{args.data}: {len(train_idx)} training images, fewer than one batch")
+
+    torch.manual_seed(args.seed)
+    vae = checkpoints.load_vae(args.init, torch.float32) if args.init else AutoencoderKL(vae_config(args))
+    vae.train().requires_grad_(True)
+    disc = losses.PatchDiscriminator(losses.DiscriminatorConfig(norm=args.disc_norm)).train()
+    perceptual = losses.lpips_or_none(args.lpips, log=(print if dist.main else lambda m: None))
+    wrap = (lambda m: torch.nn.parallel.DistributedDataParallel(m)) if dist.world > 1 else (lambda m: m)
+    reconstruct, disc_ddp = wrap(Reconstruct(vae)), wrap(disc)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
+
+    step, epoch, batch_pos = 0, 0, 0
+    state = common.load_latest(out / "checkpoints") if args.resume else None
+    if state is not None:
+        vae.load_state_dict(state["vae"])
+        disc.load_state_dict(state["disc"])
+        opt.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["disc_optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        common.set_rng_state(state["rng"])
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+    log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
+
+    def batches_from(epoch, pos):
+        while True:
+            plan = common.epoch_batches(len(train_idx), args.batch_size, epoch, args.seed, dist)
+            dataset.set_epoch(epoch)
+            for k in range(pos, len(plan)):
+                yield epoch, k + 1, collate([dataset[train_idx[i]] for i in plan[k]])
+            epoch, pos = epoch + 1, 0
+
+    stream = batches_from(epoch, batch_pos)
+    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    bar = tqdm(total=args.max_steps, initial=step, desc="train-vae", disable=not (args.progress and dist.main))
+    started, seen = time.perf_counter(), 0
+    while step < args.max_steps:
+        epoch, batch_pos, batch = next(stream)
+        x = batch["pixels"]
+        gens = [common.sample_generator(args.seed, epoch, int(i), 0) for i in batch["index"]]
+        adversarial = step >= args.disc_start
+        with autocast():
+            rec, post = reconstruct(x, lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]))
+            rec_loss = losses.reconstruction_loss(rec.float(), x, args.rec_loss)
+            if perceptual is not None:
+                rec_loss = rec_loss + args.lpips_weight * perceptual(rec.float(), x).mean()
+            kl = post.kl().mean()
+            loss = rec_loss + args.kl_weight * kl
+            g_loss = weight = torch.zeros(())
+            if adversarial:
+                g_loss = losses.hinge_g_loss(disc_ddp(rec))
+                weight = args.disc_weight * losses.adaptive_weight(rec_loss, g_loss, vae.decoder.conv_out.weight)
+                loss = loss + weight * g_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip_grad)
+        opt.step()
+        sched.step()
+        d_loss = torch.zeros(())
+        if adversarial:
+            with autocast():
+                d_loss = losses.hinge_d_loss(disc_ddp(x), disc_ddp(rec.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        step += 1
+        seen += len(x) * dist.world
+        rate = seen / (time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}", samples_per_s=f"{rate:.1f}")
+        if step % args.log_every == 0 or step == args.max_steps:
+            scalars = {k: common.mean_over_ranks(float(v), dist) for k, v in (
+                ("loss", loss), ("rec_loss", rec_loss), ("kl", kl), ("g_loss", g_loss),
+                ("adaptive_weight", weight), ("d_loss", d_loss))}
+            if dist.main:
+                log.write(step=step, **scalars, lr=sched.get_last_lr()[0], samples_per_s=rate)
+        if dist.main and val_idx and (step % args.val_every == 0 or step == args.max_steps):
+            log.write(step=step, **evaluate(vae, dataset, val_idx, args))
+            common.plot_curves(out / "log.jsonl", out / "loss.png", keys=("rec_loss", "val_rec_loss", "kl"))
+        if dist.main and (step % args.checkpoint_every == 0 or step == args.max_steps):
+            common.save_checkpoint(out / "checkpoints", step, {
+                "vae": vae.state_dict(), "disc": disc.state_dict(), "optimizer": opt.state_dict(),
+                "disc_optimizer": opt_d.state_dict(), "scheduler": sched.state_dict(), "rng": common.rng_state(),
+                "step": step, "epoch": epoch, "batch_pos": batch_pos, "args": dataclasses.asdict(args)},
+                args.keep_checkpoints)
+    bar.close()
+    if dist.main:
+        checkpoints.save_vae(vae.eval(), out / "vae", args.resolution)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return out / "vae"
+
+
+@torch.no_grad()
+def evaluate(vae: AutoencoderKL, dataset, val_idx: list[int], args: VAETrainArgs) -> dict:
+    """Held-out reconstruction from the posterior mode: loss, PSNR and SSIM (dB and [0, 1], means)."""
+    vae.eval()
+    rec_l, p, s = [], [], []
+    for k in range(0, len(val_idx), args.batch_size):
+        x = collate([dataset[i] for i in val_idx[k:k + args.batch_size]])["pixels"]
+        rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+        rec_l.append(losses.reconstruction_loss(rec, x, args.rec_loss, reduction="none").flatten(1).mean(1))
+        p.append(losses.psnr(rec, x))
+        s.append(losses.ssim(rec, x))
+    vae.train()
+    return {"val_rec_loss": torch.cat(rec_l).mean().item(), "val_psnr": torch.cat(p).mean().item(),
+            "val_ssim": torch.cat(s).mean().item()}

@@ -1,0 +1,172 @@
+"""What both trainers share: distributed setup, per-sample seeds, data order, EMA, the learning-rate
+schedule, atomic checkpoints and the JSONL log with its PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group (gloo on the CPU, nccl on GPUs) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(int(os.environ.get("RANK", "0")), world)
+
+
+def mean_over_ranks(value: float, dist: Dist) -> float:
+    """The mean of a per-process number over all processes (itself with one process)."""
+    if dist.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(t)
+    return t.item() / dist.world
+
+
+def sample_generator(seed: int, epoch: int, index: int, purpose: int) -> torch.Generator:
+    """A generator for one training sample's randomness (timestep, noise, caption dropout), fixed by
+    (seed, epoch, dataset index), so it does not depend on the batch, the rank or a resume."""
+    state = np.random.SeedSequence([seed, epoch, index, purpose]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def epoch_batches(n: int, batch: int, epoch: int, seed: int, dist: Dist) -> list[list[int]]:
+    """This rank's batches of dataset indices for an epoch: a seeded permutation sharded by
+    DistributedSampler (rank r takes every world-th index), incomplete batches dropped. The union of the
+    ranks' batch k is the single-process batch k of size world * batch."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=dist.world, rank=dist.rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+
+
+class EMA:
+    """Exponential moving average of parameters, theta_ema <- d theta_ema + (1 - d) theta, with the
+    warm-up d_t = min(decay, (1 + t) / (10 + t)) (Polyak & Juditsky 1992; the LDM/diffusers schedule)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
+    """Learning-rate factor: linear warm-up, then a cosine decay to `min_ratio` (Loshchilov & Hutter 2017)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
+    """Write `ckpt-STEP.pt` through a temporary file and a rename, then point `latest` at it (also
+    atomically), then keep only the newest `keep`. A kill at any moment leaves `latest` complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ckpt-{step:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    pointer = folder / ".latest.tmp"
+    pointer.write_text(path.name)
+    os.replace(pointer, folder / "latest")
+    for old in sorted(p for p in folder.iterdir() if CKPT.match(p.name))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_latest(folder: Path) -> dict | None:
+    """The checkpoint `latest` names, read with the weights-only unpickler; None if there is none."""
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        return None
+    return torch.load(folder / pointer.read_text().strip(), map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+
+
+class JsonlLog:
+    """Appends one JSON object per line; truncates lines past `step` when a run resumes."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif path.is_file():
+            path.unlink()
+
+    def write(self, **record) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(log: Path, out: Path, keys=("loss", "val_loss"), size=(640, 360)) -> None:
+    """A PNG line plot of the logged curves against step (drawn with Pillow; log-scale y)."""
+    from PIL import Image, ImageDraw
+
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    series = {k: [(r["step"], r[k]) for r in records if k in r and r[k] and r[k] > 0] for k in keys}
+    series = {k: v for k, v in series.items() if len(v) >= 1}
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    if series:
+        points = [p for v in series.values() for p in v]
+        x0, x1 = min(p[0] for p in points), max(max(p[0] for p in points), min(p[0] for p in points) + 1)
+        y0, y1 = math.log10(min(p[1] for p in points)), math.log10(max(p[1] for p in points))
+        y1 = y1 if y1 > y0 else y0 + 1
+        W, H, m = size[0], size[1], 40
+        to_xy = lambda s, v: (m + (s - x0) / (x1 - x0) * (W - 2 * m),  # noqa: E731
+                              H - m - (math.log10(v) - y0) / (y1 - y0) * (H - 2 * m))
+        d.rectangle([m, m, W - m, H - m], outline="black")
+        for (k, v), colour in zip(series.items(), ("#1f77b4", "#d62728", "#2ca02c")):
+            if len(v) > 1:
+                d.line([to_xy(s, y) for s, y in v], fill=colour, width=2)
+            d.text((m + 5, m + 5 + 14 * list(series).index(k)), f"{k} (last {v[-1][1]:.4g})", fill=colour)
+        d.text((m, H - m + 5), f"step {x0}", fill="black")
+        d.text((W - m - 60, H - m + 5), f"step {x1}", fill="black")
+        d.text((5, 5), f"log10 y in [{y0:.2f}, {y1:.2f}]", fill="black")
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    img.save(tmp)
+    os.replace(tmp, out)

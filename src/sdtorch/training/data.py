@@ -1,0 +1,294 @@
+"""Training data: a folder of captioned images as square crops in [-1, 1], and a disk cache of VAE latents.
+
+The dataset reads two layouts; if `metadata.jsonl` exists at the root, it wins:
+- kohya style: images anywhere under the root (.png .jpg .jpeg .webp .bmp; paths with a part that
+  starts with "." are ignored), each captioned by a same-stem `.txt` (preferred) or `.caption` file;
+- Hugging Face imagefolder: `metadata.jsonl`, one `{"file_name": relative path, "text": caption}`
+  object a line; images it does not list are ignored.
+
+An image is EXIF-rotated, converted to RGB (alpha dropped), resized with PIL's bicubic filter
+(antialiased when shrinking) so its short side equals `resolution`, cropped to a square, and
+optionally flipped. The crop offset and flip come from `random.Random("seed:epoch:index")` (a string
+seed is hashed with SHA-512, so it is the same in every process and run) and never from global RNG
+state: the same (seed, epoch, index) always gives the same tensor, and a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..errors import SDTorchError
+from ..images import to_tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption")  # the first that exists is the caption
+METADATA = "metadata.jsonl"
+SHOWN_NAMES = 5  # unreadable files named in the warning
+# What PIL raises for a file that is not an image, is corrupt or truncated, or is a decompression bomb.
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class ImageCaptionDataset(Dataset):
+    """Items `{"pixels": [3, R, R] in [-1, 1], "caption": str, "index": int}` from a folder of images."""
+
+    def __init__(self, root, resolution: int, center_crop: bool = True, random_flip: bool = False,
+                 seed: int = 0, verify: bool = True):
+        self.root = Path(root)
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch = seed, 0
+        if not self.root.is_dir():
+            raise SDTorchError(f"{self.root}: no such dataset folder")
+        has_metadata = (self.root / METADATA).is_file()
+        pairs = _read_metadata(self.root) if has_metadata else _scan_folder(self.root)
+        pairs, bad = _check(pairs, verify)
+        self.skipped: list[Path] = [path for path, _ in bad]
+        if bad:
+            names = ", ".join(f"{os.path.relpath(p, self.root)} ({why})" for p, why in bad[:SHOWN_NAMES])
+            more = f" and {len(bad) - SHOWN_NAMES} more" if len(bad) > SHOWN_NAMES else ""
+            warnings.warn(f"{self.root}: skipped {len(bad)} unreadable image(s): {names}{more}", stacklevel=2)
+        if not pairs:
+            where = f"the files listed in {METADATA}" if has_metadata else f"{'/'.join(IMAGE_EXTENSIONS)} files"
+            raise SDTorchError(f"{self.root}: no usable images (looked for {where}; {len(bad)} unreadable)")
+        self.files: list[Path] = [path for path, _ in pairs]
+        self._captions = [caption or "" for _, caption in pairs]
+        self.missing_captions = sum(caption is None for _, caption in pairs)
+        self._bad: set[int] = set()  # indices that failed in __getitem__ (per worker process)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption, in item order ("" where an image has none)."""
+        return list(self._captions)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch that seeds crops and flips (call before each epoch, as with DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        for j in ((index + k) % n for k in range(n)):  # an unreadable image is replaced by the next one
+            if j in self._bad:
+                continue
+            try:
+                image = _load_rgb(self.files[j])
+            except READ_ERRORS as e:
+                self._bad.add(j)
+                self.skipped.append(self.files[j])
+                warnings.warn(f"{self.files[j]}: unreadable ({e}); using the next image instead", stacklevel=2)
+                continue
+            return {"pixels": self.transform(image, j), "caption": self._captions[j], "index": j}
+        raise SDTorchError(f"{self.root}: none of the {n} images can be read any more")
+
+    def transform(self, image: Image.Image, index: int) -> torch.Tensor:
+        """RGB image -> [3, R, R] in [-1, 1]: short side to R, crop, maybe flip (seeded by seed, epoch, index)."""
+        R = self.resolution
+        w, h = image.size
+        scale = R / min(w, h)
+        w, h = max(R, round(w * scale)), max(R, round(h * scale))
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        if self.center_crop:
+            left, top = (w - R) // 2, (h - R) // 2
+        else:
+            left, top = rng.randint(0, w - R), rng.randint(0, h - R)
+        image = image.crop((left, top, left + R, top + R))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(image)[0]
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack a list of items: tensors are stacked, strings kept as a list, numbers made a tensor."""
+    out = {}
+    for key, first in batch[0].items():
+        values = [item[key] for item in batch]
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(first, str):
+            out[key] = values
+        else:
+            out[key] = torch.tensor(values)
+    return out
+
+
+def _scan_folder(root: Path) -> list[tuple[Path, str | None]]:
+    images = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    images.sort(key=lambda p: p.relative_to(root).as_posix())
+    return [(p, _caption_beside(p)) for p in images]
+
+
+def _caption_beside(image: Path) -> str | None:
+    for ext in CAPTION_EXTENSIONS:
+        path = image.with_suffix(ext)
+        if path.is_file():
+            try:
+                return path.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError as e:
+                raise SDTorchError(f"{path}: caption is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return None
+
+
+def _read_metadata(root: Path) -> list[tuple[Path, str | None]]:
+    path = root / METADATA
+    captions: dict[str, str | None] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SDTorchError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise SDTorchError(f'{path}:{n}: each line must be an object with a "file_name" string')
+        text = row.get("text")
+        captions[Path(row["file_name"]).as_posix()] = text.strip() if isinstance(text, str) else None
+    return [(root / name, captions[name]) for name in sorted(captions)]
+
+
+def _check(pairs: list, verify: bool) -> tuple[list, list[tuple[Path, str]]]:
+    """Split pairs into usable ones and (path, reason) for the rest; `verify` decodes every image."""
+    good, bad = [], []
+    for path, caption in pairs:
+        if not path.is_file():
+            bad.append((path, "no such file"))
+            continue
+        if verify:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except READ_ERRORS as e:
+                bad.append((path, str(e) or type(e).__name__))
+                continue
+        good.append((path, caption))
+    return good, bad
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+class LatentCache(Dataset):
+    """The VAE posterior (mean, std) of every dataset item, encoded once into safetensors shards.
+
+    Items are `{"mean", "std": [C, h, w] float32, "caption", "index"}`; the trainer draws
+    `mean + std * noise` with its own generator. Each shard `latents-NNNNN.safetensors` is written
+    atomically (temp file, then rename) and carries a fingerprint of the file list (relative paths
+    and sizes), resolution, crop, `vae_id`, dtype and shard size: shards that match are reused (so
+    an interrupted run resumes), others are deleted and re-encoded. `encode_fn(pixels [B, 3, R, R])`
+    returns `(mean, std)` or a posterior with `.mean` and `.std`; it moves the pixels to its device.
+    Only a fixed crop can be cached, so the dataset must use center_crop=True and random_flip=False.
+    Build the cache in one process (rank 0) before other processes open it. `dtype=torch.float16`
+    halves the disk, but a VAE's std (often below 1e-3) then loses precision.
+    """
+
+    def __init__(self, folder, dataset: ImageCaptionDataset, encode_fn, batch_size: int = 16,
+                 progress: bool = True, vae_id: str = "", dtype: torch.dtype = torch.float32,
+                 shard_size: int = 1024):
+        if dataset.random_flip or not dataset.center_crop:
+            raise SDTorchError("LatentCache needs a dataset with center_crop=True and random_flip=False "
+                               "(a cached latent is one fixed crop); train from pixels for random crops/flips")
+        self.folder, self.dataset, self.shard_size = Path(folder), dataset, shard_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = _fingerprint(dataset, vae_id, dtype, shard_size)
+        self._len = len(dataset)
+        self._captions = dataset.captions
+        self.shards = [self.folder / f"latents-{k:05d}.safetensors" for k in range(math.ceil(self._len / shard_size))]
+        self._sweep()
+        todo = [k for k, path in enumerate(self.shards) if not path.exists()]
+        total = sum(len(self._span(k)) for k in todo)
+        with tqdm(total=total, desc="caching latents", unit="img", disable=not progress or not todo) as bar:
+            for k in todo:
+                self._encode_shard(k, encode_fn, batch_size, dtype, bar)
+        self._handles: dict = {}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} cached latents")
+        k, j = divmod(i % self._len, self.shard_size)
+        if k not in self._handles:
+            self._handles[k] = safe_open(str(self.shards[k]), framework="pt")
+        f = self._handles[k]
+        index = int(f.get_slice("index")[j:j + 1][0])
+        return {"mean": f.get_slice("mean")[j:j + 1][0].float(), "std": f.get_slice("std")[j:j + 1][0].float(),
+                "caption": self._captions[index], "index": index}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # open files stay in their process (DataLoader workers)
+
+    def _span(self, k: int) -> range:
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self._len))
+
+    def _sweep(self) -> None:
+        """Delete leftover temp files and shards that are not part of this cache."""
+        keep = set(self.shards)
+        for path in self.folder.glob("latents-*"):
+            if path not in keep or _shard_fingerprint(path) != self.fingerprint:
+                path.unlink()
+
+    def _encode_shard(self, k: int, encode_fn, batch_size: int, dtype: torch.dtype, bar) -> None:
+        span = self._span(k)
+        means, stds, indices = [], [], []
+        for start in range(span.start, span.stop, batch_size):
+            batch = collate([self.dataset[i] for i in range(start, min(start + batch_size, span.stop))])
+            with torch.no_grad():
+                mean, std = _moments(encode_fn(batch["pixels"]))
+            B = len(batch["index"])
+            if mean.shape != std.shape or mean.shape[0] != B:
+                raise SDTorchError(f"encode_fn gave mean {tuple(mean.shape)} and std {tuple(std.shape)} "
+                                   f"for a batch of {B} images; both must be [{B}, C, h, w]")
+            means.append(mean.detach().to("cpu", dtype))
+            stds.append(std.detach().to("cpu", dtype))
+            indices.append(batch["index"])
+            bar.update(B)
+        tensors = {"mean": torch.cat(means), "std": torch.cat(stds), "index": torch.cat(indices)}
+        tmp = self.shards[k].with_name(f"{self.shards[k].name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint})
+        os.replace(tmp, self.shards[k])
+
+
+def _moments(out) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], out[1]
+    mean, std = getattr(out, "mean", None), getattr(out, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):  # a tensor's .mean is a method
+        return mean, std
+    raise SDTorchError(f"encode_fn must return (mean, std) or a posterior with .mean and .std, "
+                       f"not {type(out).__name__}")
+
+
+def _fingerprint(dataset: ImageCaptionDataset, vae_id: str, dtype: torch.dtype, shard_size: int) -> str:
+    files = [(Path(os.path.relpath(p, dataset.root)).as_posix(), p.stat().st_size) for p in dataset.files]
+    spec = dict(version=1, files=files, resolution=dataset.resolution, center_crop=dataset.center_crop,
+                random_flip=dataset.random_flip, vae_id=vae_id, dtype=str(dtype), shard_size=shard_size)
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def _shard_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+    except (SafetensorError, OSError, ValueError):  # a temp file, a torn write: not a readable shard
+        return None

@@ -1,0 +1,302 @@
+"""`sdtorch train`: the text-conditioned UNet on latents of a frozen autoencoder (LDM sec. 3.3, eq. 2),
+with captions dropped at random for classifier-free guidance (Ho & Salimans 2022, sec. 3.2).
+
+One loop, read top to bottom. Every sample's randomness (timestep, noise, posterior draw, caption
+dropout) comes from a generator seeded by (seed, epoch, dataset index), so a run gives the same
+result on 1 process with batch 2B as on 2 processes with batch B, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import checkpoints
+from ..config import PRESETS, ModelConfig
+from ..errors import SDTorchError
+from ..models import CLIPTextModel, UNet
+from ..sampling import denoiser_for
+from ..tokenizer import CLIPTokenizer
+from . import common
+from .data import ImageCaptionDataset, collate
+
+
+@dataclass
+class TrainArgs:
+    data: str  # image folder with captions, or metadata.jsonl
+    output: str  # run folder: checkpoints/, model/, samples/, log.jsonl, loss.png
+    vae: str  # a trained autoencoder (`sdtorch train-vae` output) or any model sdtorch.load opens
+    config: str = "tiny"  # UNet/text architecture: a preset name or a JSON ModelConfig file
+    text_encoder: str = "scratch"  # "scratch" (trained jointly, as LDM) or a model to take a frozen one from
+    tokenizer: str = "clip"  # "clip" (bundled BPE) or "captions" (a BPE trained on the captions)
+    tokenizer_vocab: int = 1024
+    prediction_type: str = "epsilon"
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    max_steps: int = 1000
+    clip_grad: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False  # encode every image once to disk (needs center crop, no flips)
+    val_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 100
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: ["", "a photo"])
+    sample_steps: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = False
+    progress: bool = True
+
+
+class Trainable(nn.Module):
+    """The trained networks; its forward returns per-sample losses so DistributedDataParallel wraps it."""
+
+    def __init__(self, unet: UNet, text_encoder: CLIPTextModel | None):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, denoiser, latents, noise, t, text, min_snr_gamma=None) -> torch.Tensor:
+        context = self.text_encoder(text) if self.text_encoder is not None else text
+        return denoiser.loss(latents, noise, t, min_snr_gamma, context=context)
+
+
+def model_config(args: TrainArgs, vae_config, vocab_size: int) -> ModelConfig:
+    if args.config.lower() in PRESETS:
+        cfg = PRESETS[args.config.lower()]
+    else:
+        from ..checkpoints.detect import config_from_json
+
+        try:
+            cfg = config_from_json(json.loads(Path(args.config).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SDTorchError(f"{args.config}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
+    text = dataclasses.replace(cfg.text, vocab_size=vocab_size)
+    return cfg.replace(vae=vae_config, text=text, prediction_type=args.prediction_type,
+                       sample_size=args.resolution, family="sd2" if text.activation == "gelu" else "sd1")
+
+
+def make_tokenizer(args: TrainArgs, dataset, out: Path) -> CLIPTokenizer:
+    """CLIP's BPE, or one trained on the captions; either is saved in the run so a resume reuses it."""
+    folder = out / "tokenizer"
+    if (folder / "vocab.json").is_file():
+        return CLIPTokenizer.from_folder(folder)
+    if args.tokenizer == "clip":
+        tok = CLIPTokenizer.bundled()
+    elif args.tokenizer == "captions":
+        tok = CLIPTokenizer.train(dataset.captions, args.tokenizer_vocab)
+    else:
+        raise SDTorchError(f"--tokenizer must be 'clip' or 'captions', got {args.tokenizer!r}")
+    tok.save(folder)
+    return tok
+
+
+def prepare_batch(batch, epoch: int, args: TrainArgs, vae, scale: float, T: int, purpose: int = 0):
+    """Latents (posterior draws), noise, timesteps and (possibly dropped) captions, each from the
+    sample's own generator (purpose 0: training, 1: validation)."""
+    gens = [common.sample_generator(args.seed, epoch, int(i), purpose) for i in batch["index"]]
+    if "mean" in batch:  # from the latent cache
+        mean, std = batch["mean"], batch["std"]
+    else:
+        with torch.no_grad():
+            post = vae.encode(batch["pixels"])
+        mean, std = post.mean, post.std
+    shape = mean.shape[1:]
+    eps_post = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    latents = (mean + std * eps_post) * scale
+    captions = [c if torch.rand(1, generator=g).item() >= args.caption_dropout else ""
+                for c, g in zip(batch["caption"], gens)]
+    t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in gens])
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return latents, noise, t, captions
+
+
+def train(args: TrainArgs) -> Path:
+    dist = common.init_distributed()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
+                                  random_flip=args.random_flip, seed=args.seed)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = min(args.val_size, len(dataset) // 10)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) < args.batch_size * dist.world:
+        raise SDTorchError(f"{args.data}: {len(train_idx)} training images, fewer than one batch "
+                           f"({args.batch_size} x {dist.world} processes)")
+
+    vae = checkpoints.load_vae(args.vae, dtype=torch.float32).eval().requires_grad_(False)
+    source = dataset
+    if args.cache_latents:
+        from .data import LatentCache
+
+        if dist.main:  # rank 0 encodes; the others then read the finished shards
+            LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
+                        progress=args.progress)
+        if dist.world > 1:
+            torch.distributed.barrier()
+        source = LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
+                             progress=False)
+    if dist.main:
+        tokenizer = make_tokenizer(args, dataset, out)
+    if dist.world > 1:
+        torch.distributed.barrier()  # rank 0 has written the tokenizer
+        tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
+    config = model_config(args, vae.config, tokenizer.vocab_size)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    unet = UNet(config.unet)
+    unet.gradient_checkpointing = args.gradient_checkpointing
+    if args.text_encoder == "scratch":
+        text_encoder, frozen_text = CLIPTextModel(config.text), None
+    else:
+        pre = checkpoints.read_checkpoint(args.text_encoder, torch.float32)
+        config = config.replace(text=pre[0].text, unet={"context_dim": pre[0].text.width})
+        unet = UNet(config.unet)
+        unet.gradient_checkpointing = args.gradient_checkpointing
+        text_encoder, frozen_text, tokenizer = None, pre[1]["text_encoder"].eval(), pre[2]
+    model = Trainable(unet, text_encoder).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    denoiser = denoiser_for(model.unet, config)
+    ema = common.EMA(model, args.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
+
+    step, epoch, batch_pos = 0, 0, 0
+    state = common.load_latest(out / "checkpoints") if args.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.shadow = state["ema"]
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        common.set_rng_state(state["rng"])
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+    log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
+
+    def encode_text(captions):
+        ids = tokenizer(captions)
+        if frozen_text is None:
+            return ids
+        with torch.no_grad():
+            return frozen_text(ids)
+
+    def batches_from(epoch, pos):
+        """(epoch, position, batch) from the given point on, one epoch after another."""
+        while True:
+            plan = common.epoch_batches(len(train_idx), args.batch_size, epoch, args.seed, dist)
+            dataset.set_epoch(epoch)  # seeds random crops and flips
+            for k in range(pos, len(plan)):
+                yield epoch, k + 1, collate([source[train_idx[i]] for i in plan[k]])
+            epoch, pos = epoch + 1, 0
+
+    stream = batches_from(epoch, batch_pos)
+    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    scale, T = config.vae.scaling_factor, config.num_train_timesteps
+    bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not (args.progress and dist.main))
+    started, seen = time.perf_counter(), 0
+    while step < args.max_steps:
+        total = 0.0
+        for micro in range(args.grad_accum):
+            epoch, batch_pos, batch = next(stream)
+            latents, noise, t, captions = prepare_batch(batch, epoch, args, vae, scale, T)
+            sync = ddp.no_sync if dist.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext
+            with sync(), autocast():
+                loss = ddp(denoiser, latents, noise, t, encode_text(captions), args.min_snr_gamma).mean()
+            (loss / args.grad_accum).backward()
+            total += loss.item() / args.grad_accum
+            seen += len(captions) * dist.world
+        total = common.mean_over_ranks(total, dist)  # the loss over all processes' samples
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        ema.update(model, step)
+        bar.update(1)
+        rate = seen / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{total:.4f}", samples_per_s=f"{rate:.1f}")
+        if dist.main and (step % args.log_every == 0 or step == args.max_steps):
+            log.write(step=step, epoch=epoch, loss=total, lr=sched.get_last_lr()[0],
+                      grad_norm=float(grad_norm), samples_per_s=rate)
+        if dist.main and val_idx and (step % args.val_every == 0 or step == args.max_steps):
+            log.write(step=step, val_loss=validate(model, denoiser, source, val_idx, args, vae, config,
+                                                   encode_text))
+            common.plot_curves(out / "log.jsonl", out / "loss.png")
+        if dist.main and args.sample_every and step % args.sample_every == 0:
+            sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, out / "samples" / f"step-{step:08d}.png")
+        if dist.main and (step % args.checkpoint_every == 0 or step == args.max_steps):
+            common.save_checkpoint(out / "checkpoints", step, {
+                "model": model.state_dict(), "ema": ema.shadow, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": common.rng_state(), "step": step, "epoch": epoch,
+                "batch_pos": batch_pos, "args": dataclasses.asdict(args)}, args.keep_checkpoints)
+    bar.close()
+    if dist.main:
+        export(model, ema, vae, frozen_text, tokenizer, config, out / "model")
+        sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, out / "samples" / "final.png")
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return out / "model"
+
+
+@torch.no_grad()
+def validate(model, denoiser, source, val_idx, args, vae, config, encode_text) -> float:
+    """Mean loss on the held-out images, with fixed per-image timesteps and noise."""
+    model.eval()
+    total = 0.0
+    for k in range(0, len(val_idx), args.batch_size):
+        batch = collate([source[i] for i in val_idx[k:k + args.batch_size]])
+        keep = dataclasses.replace(args, caption_dropout=0.0)
+        latents, noise, t, captions = prepare_batch(batch, 0, keep, vae, config.vae.scaling_factor,
+                                                    config.num_train_timesteps, purpose=1)
+        total += model(denoiser, latents, noise, t, encode_text(captions)).sum().item()
+    model.train()
+    return total / len(val_idx)
+
+
+def _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config):
+    from ..pipeline import StableDiffusion
+
+    shadow = Trainable(UNet(config.unet), CLIPTextModel(config.text) if model.text_encoder is not None else None)
+    ema.copy_to(shadow)
+    text = shadow.text_encoder if shadow.text_encoder is not None else frozen_text
+    return StableDiffusion(shadow.unet.eval(), vae, text.eval(), tokenizer, config, name="ema")
+
+
+def export(model, ema, vae, frozen_text, tokenizer, config, folder: Path) -> None:
+    """The EMA weights as a diffusers folder that `sdtorch.load` and diffusers open."""
+    _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config).save_diffusers(folder)
+
+
+def sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, path: Path) -> None:
+    """Images for the fixed prompts (seeds 0..) from the EMA weights, in a row, captioned."""
+    from PIL import Image, ImageDraw
+
+    pipe = _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config)
+    images = [pipe.txt2img(p, steps=args.sample_steps, seed=i, width=args.resolution, height=args.resolution)[0]
+              for i, p in enumerate(args.sample_prompts)]
+    R = args.resolution
+    grid = Image.new("RGB", (R * len(images), R + 14), "white")
+    for i, (im, prompt) in enumerate(zip(images, args.sample_prompts)):
+        grid.paste(im, (i * R, 14))
+        ImageDraw.Draw(grid).text((i * R + 2, 1), prompt[: R // 6], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)

@@ -1,0 +1,169 @@
+"""The trainers: short CLI runs, exact resume after SIGKILL, and 2-process DDP against 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import sdtorch
+from sdtorch import checkpoints
+from sdtorch.sampling import EpsDenoiser, VDenoiser
+from sdtorch.tokenizer import CLIPTokenizer
+from sdtorch.training import common
+
+COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 captioned 32 px images of a coloured disc on the left or the right, and a random TINY VAE."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    for i in range(24):
+        name, x = rng.choice(list(COLOURS)), rng.choice([8, 24])
+        im = Image.new("RGB", (32, 32), (245, 245, 245))
+        ImageDraw.Draw(im).ellipse([x - 6, 10, x + 6, 22], fill=COLOURS[name])
+        im.save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a {name} disc on the {'left' if x == 8 else 'right'}")
+    vae = checkpoints.save_vae(sdtorch.build("tiny").vae, root.parent / "vae", 32)
+    return root, vae
+
+
+def train_cmd(data, out, *extra):
+    root, vae = data
+    return ["train", root, out, "--vae", vae, "--resolution", "32", "--batch-size", "4", "--val-every", "100",
+            "--log-every", "1", "--no-progress", "--sample-steps", "2", "--warmup", "2", *map(str, extra)]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "sdtorch.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def final_state(out):
+    return torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text(), weights_only=True)
+
+
+def test_train_vae_then_train_and_generate(data, tmp_path):
+    root, _ = data
+    r = cli("train-vae", root, tmp_path / "vae-run", "--resolution", "32", "--batch-size", "4", "--max-steps", "3",
+            "--disc-start", "1", "--val-every", "3", "--log-every", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "LPIPS perceptual loss is off" in r.stdout
+    records = [json.loads(line) for line in (tmp_path / "vae-run" / "log.jsonl").read_text().splitlines()]
+    assert any("val_psnr" in rec and "val_ssim" in rec for rec in records)
+    assert any(rec.get("d_loss", 0) > 0 for rec in records), "the discriminator switched on at step 1"
+
+    out = tmp_path / "run"
+    r = cli(*train_cmd((root, tmp_path / "vae-run" / "vae"), out, "--max-steps", "3", "--tokenizer", "captions",
+                       "--min-snr-gamma", "5", "--prediction-type", "v_prediction"))
+    assert r.returncode == 0, r.stderr
+    assert (out / "loss.png").is_file() and (out / "samples" / "final.png").is_file()
+    model = sdtorch.load(out / "model")
+    assert model.config.prediction_type == "v_prediction" and model.tokenizer.vocab_size < 2000
+    assert model.txt2img("a red disc", steps=2, seed=0, output_type="tensor").shape == (1, 3, 32, 32)
+
+
+def test_resume_after_sigkill_is_exact(data, tmp_path):
+    steps = ["--max-steps", "12", "--checkpoint-every", "3", "--keep-checkpoints", "2"]
+    whole = tmp_path / "whole"
+    assert cli(*train_cmd(data, whole, *steps)).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "sdtorch.cli", *map(str, train_cmd(data, cut, *steps))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cut / "checkpoints" / "ckpt-00000006.pt").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int((cut / "checkpoints" / "latest").read_text()[5:13])
+    assert 3 <= killed_at < 12
+    (cut / "checkpoints" / ".ckpt-00000099.pt.tmp").write_bytes(b"half a checkpoint")  # a write cut short
+    r = cli(*train_cmd(data, cut, *steps, "--resume"))
+    assert r.returncode == 0, r.stderr
+
+    a, b = final_state(whole), final_state(cut)
+    assert a["step"] == b["step"] == 12
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert sorted(p.name for p in (cut / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-00000009.pt", "ckpt-00000012.pt"]
+    losses = lambda out: [json.loads(x).get("loss") for x in (out / "log.jsonl").read_text().splitlines()]  # noqa
+    assert losses(whole) == losses(cut)
+
+
+def test_two_processes_match_one_with_twice_the_batch(data, tmp_path):
+    """torchrun: 2 gloo processes x batch 2 against 1 process x batch 4. Per-sample randomness makes the
+    inputs identical; only the order of floating-point sums differs (tolerance 1e-5 relative)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = train_cmd(data, one, "--max-steps", "4", "--checkpoint-every", "100")
+    assert cli(*base).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdtorch.cli",
+           *map(str, train_cmd(data, two, "--max-steps", "4", "--checkpoint-every", "100"))]
+    cmd[cmd.index("--batch-size") + 1] = "2"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = lambda out: [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # noqa
+    la, lb = read(one), read(two)
+    assert [x["step"] for x in la] == [x["step"] for x in lb] == [1, 2, 3, 4]
+    for x, y in zip(la, lb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
+    a, b = final_state(one), final_state(two)
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [EpsDenoiser, VDenoiser])
+def test_training_loss_is_zero_for_an_oracle(cls):
+    """The loss the denoiser trains with and the x0 it samples with agree: an oracle network gives 0."""
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    probe = cls.from_config(lambda x, t, **kw: torch.zeros_like(x), sdtorch.TINY)
+    sigma = probe.sigmas[t]
+    oracle = cls.from_config(lambda x, tt, **kw: probe.target(x0, noise, sigma), sdtorch.TINY)
+    assert oracle.loss(x0, noise, t).abs().max() < 1e-10
+    x = x0 + noise * sigma[:, None, None, None]
+    torch.testing.assert_close(oracle(x, sigma), x0, rtol=1e-4, atol=1e-4)
+    weighted = cls.from_config(lambda x, tt, **kw: torch.zeros_like(x), sdtorch.TINY)
+    plain, snr5 = weighted.loss(x0, noise, t), weighted.loss(x0, noise, t, min_snr_gamma=5.0)
+    snr = sigma ** -2
+    expect = snr.clamp(max=5) / (snr if cls is EpsDenoiser else snr + 1)
+    torch.testing.assert_close(snr5, plain * expect)
+
+
+def test_caption_tokenizer_round_trips():
+    captions = [f"a {s} {c} circle in the {p}" for s in ("small", "large") for c in COLOURS for p in ("left", "right")]
+    tok = CLIPTokenizer.train(captions * 5, vocab_size=600)
+    ids = tok.encode("a large green circle in the left")
+    assert len(ids) < 12, "frequent words became single tokens"
+    assert tok.decode(tok.encode("a red circle")).strip() == "a red circle"
+    assert tok.encode("ünseen wörds 42!")  # every byte stays encodable
+
+
+def test_schedule_ema_and_sample_seeds():
+    f = common.warmup_cosine(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == pytest.approx(0.0)
+    m = torch.nn.Linear(2, 2)
+    ema = common.EMA(m, decay=0.9)
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m, step=100)
+    torch.testing.assert_close(ema.shadow["weight"], before + 0.1)
+    g1, g2 = common.sample_generator(0, 1, 5, 0), common.sample_generator(0, 1, 5, 0)
+    assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
+    assert not torch.equal(torch.randn(3, generator=common.sample_generator(0, 1, 6, 0)),
+                           torch.randn(3, generator=common.sample_generator(0, 1, 5, 0)))
+    one = common.epoch_batches(10, 4, 0, 0, common.Dist(0, 1))
+    two = [common.epoch_batches(10, 2, 0, 0, common.Dist(r, 2)) for r in (0, 1)]
+    assert [sorted(b) for b in one] == [sorted(two[0][k] + two[1][k]) for k in range(2)]
