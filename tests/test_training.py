@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import sdtorch
 from sdtorch import checkpoints
+from sdtorch.models import UNet
 from sdtorch.sampling import EpsDenoiser, VDenoiser
 from sdtorch.tokenizer import CLIPTokenizer
 from sdtorch.training import common
@@ -167,3 +168,33 @@ def test_schedule_ema_and_sample_seeds():
     one = common.epoch_batches(10, 4, 0, 0, common.Dist(0, 1))
     two = [common.epoch_batches(10, 2, 0, 0, common.Dist(r, 2)) for r in (0, 1)]
     assert [sorted(b) for b in one] == [sorted(two[0][k] + two[1][k]) for k in range(2)]
+
+
+def test_options_run_accumulation_bf16_checkpointing_cache_and_frozen_text(data, tmp_path):
+    pretrained = tmp_path / "pre"
+    sdtorch.build("tiny").save_diffusers(pretrained)  # stands in for a pretrained text encoder
+    out = tmp_path / "run"
+    r = cli(*train_cmd(data, out, "--max-steps", "2", "--grad-accum", "2", "--bf16", "--gradient-checkpointing",
+                       "--cache-latents", "--text-encoder", pretrained, "--sample-every", "1",
+                       "--sample-prompts", "a red disc", "a blue disc"))
+    assert r.returncode == 0, r.stderr
+    assert len(list((out / "latent-cache").glob("latents-*.safetensors"))) == 1
+    assert (out / "samples" / "step-00000001.png").is_file()
+    model = sdtorch.load(out / "model")
+    frozen = sdtorch.load(pretrained)
+    for k, v in frozen.text_encoder.state_dict().items():
+        assert torch.equal(model.text_encoder.state_dict()[k], v), "the pretrained text encoder stayed frozen"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    unet = UNet(sdtorch.TINY.unet).train()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    grads = []
+    for flag in (False, True):
+        unet.gradient_checkpointing = flag
+        unet.zero_grad()
+        unet(x, torch.tensor([3.0, 700.0]), ctx).square().mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
