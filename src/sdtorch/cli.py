@@ -21,6 +21,8 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from . import pipeline
 
+    if pipeline.builtin_path(args.model) is not None:
+        return pipeline.load(args.model, dtype=args.dtype)
     if args.model.lower() in PRESETS and not Path(args.model).exists():
         return pipeline.build(args.model, device="meta")  # architecture only: allocates nothing
     return pipeline.load(args.model, dtype=args.dtype, prediction_type=args.prediction_type, config=args.config,
@@ -66,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(p)
     p.set_defaults(func=cmd_convert)
 
-    from . import cli_generate, cli_train
+    from . import cli_generate, cli_shapes, cli_train
 
     cli_generate.add_commands(sub)
     cli_train.add_commands(sub)
+    cli_shapes.add_commands(sub)
     return parser
 
 

@@ -16,7 +16,8 @@ from .errors import SDTorchError
 
 
 def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> None:
-    p.add_argument("--model", "-m", required=True, help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--model", "-m", default="shapes",
+                   help="a .safetensors/.ckpt file, a diffusers folder, or the built-in 'shapes' (default)")
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--width", "-W", type=int, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--height", "-H", type=int, help="pixels, a multiple of 8 (default: the model's size)")
@@ -129,8 +130,10 @@ def replay(args) -> None:
     if sampler_name not in infotext.SDTORCH_NAMES:
         raise SDTorchError(f"{args.image}: sampler {sampler_name!r} is not one sdtorch has "
                            f"({', '.join(infotext.A1111_NAMES.values())})")
+    from .pipeline import builtin_path
+
     model_path = args.model or f.get("Model")
-    if not model_path or not Path(model_path).exists():
+    if not model_path or not (Path(model_path).exists() or builtin_path(model_path)):
         raise SDTorchError(f"{args.image}: model {model_path!r} not found; pass --model")
     if f.get("Model hash") and infotext.model_hash(model_path) != f["Model hash"]:
         print(f"sdtorch: warning: {model_path} has hash {infotext.model_hash(model_path)}, the image was made "

@@ -106,4 +106,18 @@ TINY = ModelConfig(  # runs in milliseconds on a CPU; for tests
     sample_size=64,
 )
 
-PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY}
+SHAPES = ModelConfig(  # the built-in model of the shapes world (sdtorch.data.shapes), 64 px
+    family="sd1",
+    unet=UNetConfig(block_channels=(64, 128, 256), attention_levels=(True, True, True), layers_per_block=1,
+                    num_heads=None, head_dim=32, context_dim=128),
+    vae=VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16),  # 4x down: 16x16x4 latents
+    text=TextConfig(width=128, layers=3, heads=4, mlp_width=512),  # vocab_size comes from the caption tokenizer
+    prediction_type="v_prediction",
+    sample_size=64,
+    beta_schedule="linear",  # DDPM's schedule: a lower terminal SNR than SD's, so backgrounds can go dark or light
+    beta_start=1e-4,
+    beta_end=0.02,
+)
+
+PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY,
+                                   "shapes": SHAPES}

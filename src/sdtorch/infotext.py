@@ -27,7 +27,9 @@ SDTORCH_NAMES = {v: k for k, v in A1111_NAMES.items()}
 def model_hash(path) -> str:
     """A1111's "AutoV2" hash: the first 10 hex digits of the file's SHA-256 (for a diffusers folder,
     of its UNet weights file)."""
-    path = Path(path)
+    from .pipeline import builtin_path
+
+    path = builtin_path(str(path)) or Path(path)
     if path.is_dir():
         from .checkpoints.diffusers_folder import weight_file
 

@@ -132,6 +132,19 @@ def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -
     return StableDiffusion(unet.eval(), vae.eval(), text.eval(), tokenizer, config, name=f"{name} (random init)")
 
 
+BUILTIN = {"shapes": "shapes-model"}  # name -> folder in sdtorch/data (trained by scripts/train_shapes.sh)
+
+
+def builtin_path(name: str) -> Path | None:
+    """The folder of a model shipped inside the package, if `name` names one and it is installed."""
+    from importlib import resources
+
+    if name not in BUILTIN:
+        return None
+    path = Path(str(resources.files("sdtorch") / "data" / BUILTIN[name]))
+    return path if (path / "model_index.json").is_file() else None
+
+
 def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema=False,
          strict=True) -> StableDiffusion:
     """Load a single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
@@ -142,6 +155,13 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
     use_ema: take the UNet's EMA weights from an original checkpoint that has them.
     strict: False loads what matches and keeps fresh weights for the rest (the report says what).
     """
+    if str(path_or_name) in BUILTIN and not Path(path_or_name).exists():
+        found = builtin_path(str(path_or_name))
+        if found is None:
+            raise SDTorchError(f"the built-in model {path_or_name!r} is not installed in this copy of sdtorch "
+                               "(train it with scripts/train_shapes.sh); pass a model path")
+        path_or_name = found
+        dtype = dtype or torch.float32  # shipped in fp16 to stay small; fp16 is slow on CPUs
     config_, modules, tokenizer, report = checkpoints.read_checkpoint(
         path_or_name, _dtype(dtype), prediction_type, config, use_ema, strict)
     return StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,

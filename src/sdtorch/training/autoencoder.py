@@ -47,7 +47,8 @@ class VAETrainArgs:
     lpips_weight: float = 1.0
     disc_start: int = 500  # step at which the adversarial loss switches on
     disc_weight: float = 0.5
-    disc_norm: str = "group"  # "group" is per-sample (identical under any batch split); "batch" as pix2pix
+    disc_norm: str = "group"
+    scaling_factor: float | None = None  # None: 1 / std of the training latents, measured at the end  # "group" is per-sample (identical under any batch split); "batch" as pix2pix
     bf16: bool = False
     val_size: int = 16
     seed: int = 0
@@ -165,7 +166,7 @@ def train(args: VAETrainArgs) -> Path:
         bar.update(1)
         bar.set_postfix(rec=f"{rec_loss.item():.4f}", samples_per_s=f"{rate:.1f}")
         if step % args.log_every == 0 or step == args.max_steps:
-            scalars = {k: common.mean_over_ranks(float(v), dist) for k, v in (
+            scalars = {k: common.mean_over_ranks(float(torch.as_tensor(v).detach()), dist) for k, v in (
                 ("loss", loss), ("rec_loss", rec_loss), ("kl", kl), ("g_loss", g_loss),
                 ("adaptive_weight", weight), ("d_loss", d_loss))}
             if dist.main:
@@ -181,10 +182,21 @@ def train(args: VAETrainArgs) -> Path:
                 args.keep_checkpoints)
     bar.close()
     if dist.main:
-        checkpoints.save_vae(vae.eval(), out / "vae", args.resolution)
+        factor = args.scaling_factor or latent_scaling_factor(vae.eval(), dataset, train_idx, args.batch_size)
+        vae.config = dataclasses.replace(vae.config, scaling_factor=factor)
+        checkpoints.save_vae(vae, out / "vae", args.resolution)
     if dist.world > 1:
         torch.distributed.barrier()
     return out / "vae"
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, dataset, indices: list[int], batch: int, n: int = 512) -> float:
+    """1 / std of the posterior means over (up to n of) the training images, so that the diffusion model
+    sees latents of unit variance (LDM sec. 4.3.2 and appendix D.1)."""
+    means = [vae.encode(collate([dataset[i] for i in indices[k:k + batch]])["pixels"]).mean
+             for k in range(0, min(n, len(indices)), batch)]
+    return float(1.0 / torch.cat(means).std())
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ class TrainArgs:
     text_encoder: str = "scratch"  # "scratch" (trained jointly, as LDM) or a model to take a frozen one from
     tokenizer: str = "clip"  # "clip" (bundled BPE) or "captions" (a BPE trained on the captions)
     tokenizer_vocab: int = 1024
-    prediction_type: str = "epsilon"
+    prediction_type: str | None = None  # "epsilon" or "v_prediction"; default: the config's
     resolution: int = 64
     center_crop: bool = True
     random_flip: bool = False
@@ -91,7 +91,7 @@ def model_config(args: TrainArgs, vae_config, vocab_size: int) -> ModelConfig:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SDTorchError(f"{args.config}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
     text = dataclasses.replace(cfg.text, vocab_size=vocab_size)
-    return cfg.replace(vae=vae_config, text=text, prediction_type=args.prediction_type,
+    return cfg.replace(vae=vae_config, text=text, prediction_type=args.prediction_type or cfg.prediction_type,
                        sample_size=args.resolution, family="sd2" if text.activation == "gelu" else "sd1")
 
 

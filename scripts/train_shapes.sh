@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Trains the built-in "shapes" model from scratch with sdtorch's own commands, on this 2-core CPU.
+# Every stage resumes (--resume) if the script is run again after an interruption.
+#   bash scripts/train_shapes.sh            # writes runs/shapes-*, then copies the model into the package
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs}
+VAE_STEPS=${VAE_STEPS:-2000}
+UNET_STEPS=${UNET_STEPS:-6000}
+
+# 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
+[ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
+
+# 2. the autoencoder (4x down, 16x16x4 latents); L1 + KL, no adversarial loss; scaling factor measured
+[ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae" \
+  --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
+  --kl-weight 1e-6 --disc-start 1000000 --val-every 250 --checkpoint-every 250 --seed 0 --resume
+
+# 3. the UNet and a text encoder from scratch, on cached latents, with a BPE trained on the captions
+[ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
+  --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer captions --resolution 64 --cache-latents \
+  --batch-size 32 --lr 3e-4 --warmup 200 --max-steps "$UNET_STEPS" --ema-decay 0.999 --caption-dropout 0.1 \
+  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume \
+  --sample-prompts "a large red circle in the top left on a white background" \
+  "a small blue square in the center on a black background" \
+  "a large green triangle in the bottom right on a gray background"

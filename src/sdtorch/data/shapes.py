@@ -1,0 +1,111 @@
+"""The shapes world: captioned images of coloured circles, squares and triangles, rendered exactly to a
+published specification so that independent graders can read them back.
+
+At the default 64 px: palette red (220,40,40), green (40,170,60), blue (40,80,220), yellow (240,210,40),
+orange (245,140,30), purple (140,60,180), white (245,245,245), black (25,25,25); backgrounds white,
+gray (128,128,128), black; small = 16 px and large = 28 px bounding boxes (±1 px jitter); centres at top
+left (16,16), top right (48,16), bottom left (16,48), bottom right (48,48), center (32,32) (±2 px jitter).
+Triangles are isosceles with the base at the bottom. Edges are anti-aliased (rendered at 4x, box-filtered).
+A `size` other than 64 scales every coordinate. The held-out colour-shape pairs never appear in
+training data; teal (0,150,150) is reserved and appears only when asked for.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+          "orange": (245, 140, 30), "purple": (140, 60, 180), "white": (245, 245, 245), "black": (25, 25, 25)}
+TEAL = (0, 150, 150)  # reserved: never in the built-in model's training data
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (25, 25, 25)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 16, "large": 28}
+POSITIONS = {"top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48), "bottom right": (48, 48),
+             "center": (32, 32)}
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+HELD_OUT = {("green", "triangle"), ("purple", "circle"), ("orange", "square"), ("yellow", "square")}
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Obj:
+    size: str
+    color: str
+    shape: str
+    position: str
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.color} {self.shape} in the {self.position}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: str
+
+    def caption(self) -> str:
+        return " and ".join(o.phrase() for o in self.objects) + f" on a {self.background} background"
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    return TEAL if color == "teal" else COLORS[color]
+
+
+def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Image.Image:
+    """Draw a scene; `rng` adds the allowed jitter (±1 px size, ±2 px position, at 64 px)."""
+    k = size / 64 * SUPERSAMPLE
+    img = Image.new("RGB", (round(64 * k),) * 2, BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        side = SIZES[o.size] + (rng.randint(-1, 1) if rng else 0)
+        cx, cy = POSITIONS[o.position]
+        if rng:
+            cx, cy = cx + rng.randint(-2, 2), cy + rng.randint(-2, 2)
+        x0, y0, x1, y1 = ((cx - side / 2) * k, (cy - side / 2) * k, (cx + side / 2) * k, (cy + side / 2) * k)
+        fill = _rgb(o.color)
+        if o.shape == "circle":
+            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        else:  # isosceles, apex up, base along the bottom of the box
+            draw.polygon([(cx * k, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def allowed(color: str, shape: str, background: str, held_out: bool = False) -> bool:
+    """Whether an object may appear: never the background's colour; held-out pairs only when asked."""
+    return BACKGROUNDS[background] != _rgb(color) and ((color, shape) in HELD_OUT) == held_out
+
+
+def random_scene(rng: random.Random, two: bool | None = None, colors=tuple(COLORS), held_out: bool = False) -> Scene:
+    """A scene from the grammar: one object anywhere, or two objects in two different corners."""
+    background = rng.choice(list(BACKGROUNDS))
+    two = rng.random() < 0.5 if two is None else two
+    positions = rng.sample(CORNERS, 2) if two else [rng.choice(list(POSITIONS))]
+    objects = []
+    for p in positions:
+        while True:
+            color, shape = rng.choice(colors), rng.choice(SHAPES)
+            if allowed(color, shape, background, held_out and not objects):
+                break
+        objects.append(Obj(rng.choice(list(SIZES)), color, shape, p))
+    return Scene(tuple(objects), background)
+
+
+def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: bool = True) -> Path:
+    """Write `count` images with same-name caption files (the trainers' image-folder format): half with
+    one object, half with two, no held-out pair, no teal. Deterministic for a seed."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in tqdm(range(count), desc="make-shapes", disable=not progress):
+        scene = random_scene(rng, two=i % 2 == 1)
+        render(scene, size, rng).save(folder / f"{i:06d}.png")
+        (folder / f"{i:06d}.txt").write_text(scene.caption() + "\n")
+    return folder
