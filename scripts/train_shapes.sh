@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 VAE_STEPS=${VAE_STEPS:-2000}
-UNET_STEPS=${UNET_STEPS:-6000}
+UNET_STEPS=${UNET_STEPS:-3500}
 
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
@@ -24,3 +24,7 @@ UNET_STEPS=${UNET_STEPS:-6000}
   --sample-prompts "a large red circle in the top left on a white background" \
   "a small blue square in the center on a black background" \
   "a large green triangle in the bottom right on a gray background"
+
+# 4. ship it: the EMA weights in fp16 (about 37 MB) inside the package, where sdtorch.load("shapes") finds it
+rm -rf src/sdtorch/data/shapes-model
+sdtorch convert "$RUNS/shapes-unet/model" src/sdtorch/data/shapes-model --save-dtype fp16
