@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from test_bad_input import run_cli
 
 import sdtorch
@@ -14,26 +15,29 @@ from sdtorch.pipeline import builtin_path
 
 needs_model = pytest.mark.skipif(builtin_path("shapes") is None, reason="built-in model not installed")
 
-PROMPTS = ["a large red circle in the top left on a white background",
-           "a small blue square in the center on a black background",
-           "a large yellow triangle in the bottom right on a gray background"]
+# (prompt, seed) pairs from the evaluation at guidance 3 (runs/shapes-eval/guidance3), one per split:
+# seen, held-out colour-shape pair, two objects. A regression in any part of generation breaks them.
+CASES = [("a large red square in the bottom right on a gray background", 0),
+         ("a large purple circle in the bottom right on a white background", 86),
+         ("a large red square in the top left and a large blue circle in the bottom right on a white background", 159)]
 
 
 @needs_model
 def test_builtin_generations_follow_their_prompts():
     model = sdtorch.load("shapes")
-    for prompt in PROMPTS:
-        image = model.txt2img(prompt, seed=0)[0]
+    for prompt, seed in CASES:
+        image = model.txt2img(prompt, seed=seed, guidance=3.0)[0]
         result = analyse.match(analyse.parse_caption(prompt), analyse.analyse(image))
-        assert result["exact"], (prompt, result)
+        assert result["exact"], (prompt, seed, result)
 
 
 @needs_model
 def test_generate_cli_uses_the_builtin_model(tmp_path):
-    code, out, err = run_cli("generate", PROMPTS[0], "--seed", "0", "-o", tmp_path / "a.png")
+    code, out, err = run_cli("generate", CASES[0][0], "--seed", "0", "--guidance", "3", "-o", tmp_path / "a.png")
     assert code == 0, err
     code, out, err = run_cli("replay", tmp_path / "a.png")
     assert code == 0, err
+    assert analyse.grade(Image.open(tmp_path / "a-replay.png"), CASES[0][0])["exact"]
 
 
 def test_make_shapes_feeds_both_trainers(tmp_path):
