@@ -16,6 +16,7 @@ from sdtorch.data.analyse import analyse, grade, match, parse_caption
 from sdtorch.data.shapes import (BACKGROUNDS, COLORS, CORNERS, HELD_OUT, POSITIONS, SHAPES, SIZES, TEAL, Obj, Scene,
                                  random_scene, render)
 from sdtorch.evaluation import ATTRIBUTES, SPLITS, evaluate_shapes, shapes_prompts, validate_analyser
+from sdtorch.pipeline import GENERATION_DEFAULTS
 
 ALL_COLORS = (*COLORS, "teal")
 
@@ -195,6 +196,9 @@ class Painter:
         self.config = SimpleNamespace(sample_size=64)
         self.name, self.wrong_color, self.calls = "painter", wrong_color, []
 
+    def default(self, key):
+        return GENERATION_DEFAULTS[key]
+
     def txt2img(self, prompt, *, steps, sampler, guidance, seed, width, height):
         self.calls.append(dict(steps=steps, sampler=sampler, guidance=guidance, seed=seed, width=width))
         scene = parse_caption(prompt)
@@ -214,7 +218,10 @@ def test_evaluation_counts():
         assert s["n"] == n and s["exact"]["accuracy"] == 1.0
         assert all(s[a]["accuracy"] == 1.0 for a in ATTRIBUTES)
     assert report["splits"]["two"]["color"]["total"] == 6 and report["overall"]["n"] == 12
-    report = evaluate_shapes(Painter(wrong_color=True), n_seen=3, n_heldout=2, n_two=2, progress=False)
+    painter = Painter(wrong_color=True)
+    report = evaluate_shapes(painter, n_seen=3, n_heldout=2, n_two=2, progress=False)
+    assert painter.calls[0] == dict(steps=20, sampler="dpmpp_2m", guidance=7.5, seed=0, width=64)  # the defaults
+    assert report["settings"]["guidance"] == 7.5
     o = report["overall"]
     assert o["exact"]["correct"] == 0 and o["color"]["correct"] == 0
     assert o["shape"]["accuracy"] == o["size"]["accuracy"] == o["position"]["accuracy"] == 1.0

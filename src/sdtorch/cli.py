@@ -37,14 +37,21 @@ def cmd_info(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    from .pipeline import check_defaults
+
     dst = Path(args.output)
     if not dst.parent.is_dir():
         raise SDTorchError(f"{dst}: folder {dst.parent} does not exist")
     if dst.suffix not in ("", ".safetensors"):
         raise SDTorchError(f"{dst}: write a .safetensors file or a folder (pickles like {dst.suffix} are unsafe)")
+    defaults = {k: getattr(args, f"default_{k}") for k in ("steps", "guidance", "sampler")
+                if getattr(args, f"default_{k}") is not None}
+    if defaults and dst.suffix == ".safetensors":
+        raise SDTorchError(f"{dst}: generation defaults are kept in diffusers folders only; write a folder")
     model = _load(args)
     if model.report is None:
         raise SDTorchError(f"{args.model}: a preset has no weights to convert; give a checkpoint")
+    model.defaults = check_defaults({**model.defaults, **defaults}, "convert")
     if dst.suffix == ".safetensors":
         model.save_single_file(dst, dtype=args.save_dtype)
     else:
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="source: a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("output", help="destination: NAME.safetensors (original layout) or a folder (diffusers layout)")
     p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("--default-steps", type=int, help="the folder's recommended steps (generation_defaults.json)")
+    p.add_argument("--default-guidance", type=float, help="the folder's recommended guidance scale")
+    p.add_argument("--default-sampler", help="the folder's recommended sampler")
     _add_load_flags(p)
     p.set_defaults(func=cmd_convert)
 

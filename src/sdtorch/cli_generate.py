@@ -7,6 +7,7 @@ were generated (each through a temporary file and a rename), so a failure leaves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -21,10 +22,11 @@ def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> 
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--width", "-W", type=int, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--height", "-H", type=int, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--steps", "-s", type=int, default=20)
-    p.add_argument("--sampler", default="dpmpp_2m", help="see `sdtorch samplers`")
+    p.add_argument("--steps", "-s", type=int, help="default: the model's, else 20")
+    p.add_argument("--sampler", help="see `sdtorch samplers` (default: the model's, else dpmpp_2m)")
     p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels")
-    p.add_argument("--guidance", "--cfg", "-g", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", "--cfg", "-g", type=float,
+                   help="classifier-free guidance scale (default: the model's, else 7.5)")
     p.add_argument("--seed", type=int, help="image i uses seed + i (default: random)")
     p.add_argument("--batch", "-b", type=int, default=1, help="number of images")
     p.add_argument("--clip-skip", type=int, default=1)
@@ -53,12 +55,14 @@ def output_paths(pattern: str, seeds: list[int]) -> list[Path]:
 
 def _request(args, strength: float = 1.0):
     from .generation import Request, new_seed
+    from .pipeline import GENERATION_DEFAULTS
 
     seed = new_seed() if args.seed is None else args.seed
+    given = {k: getattr(args, k) for k in GENERATION_DEFAULTS if getattr(args, k) is not None}
     req = Request(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width or 512,
-                  height=args.height or 512, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                  seed=seed, batch_size=args.batch, karras=args.karras, strength=strength, clip_skip=args.clip_skip)
-    req.validate()  # before the model loads; the model's default size fills in width/height later
+                  height=args.height or 512, seed=seed, batch_size=args.batch, karras=args.karras, strength=strength,
+                  clip_skip=args.clip_skip, **given)
+    req.validate()  # before the model loads; the model's size and defaults fill in what was not given later
     return req
 
 
@@ -76,7 +80,7 @@ def _save(images, paths, texts) -> None:
 
 def run(args, kind: str) -> None:
     from .images import open_image
-    from .pipeline import load
+    from .pipeline import GENERATION_DEFAULTS, load
 
     req = _request(args, getattr(args, "strength", 1.0))
     seeds = [req.seed + i for i in range(req.batch_size)]
@@ -85,6 +89,7 @@ def run(args, kind: str) -> None:
         if getattr(args, name, None) is not None:
             open_image(getattr(args, name))  # fail on an unreadable image before the model loads
     model = load(args.model, dtype=args.dtype)
+    req = dataclasses.replace(req, **{k: model.default(k) for k in GENERATION_DEFAULTS if getattr(args, k) is None})
     common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, steps=req.steps,
                   guidance=req.guidance, sampler=req.sampler, seed=req.seed, batch_size=req.batch_size,
                   karras=req.karras, clip_skip=req.clip_skip, progress=True)

@@ -38,17 +38,20 @@ def shapes_prompts(seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: 
     return items
 
 
-def evaluate_shapes(model, *, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 7.5, seed: int = 0,
-                    n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, out_dir=None,
+def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                    seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, out_dir=None,
                     progress: bool = True) -> dict:
     """Generate one image per prompt (seed + i for the i-th), grade it, and summarise per split.
 
+    sampler, steps and guidance left as None take the model's defaults (`model.default`).
     Returns {"settings", "overall", "splits": {split: summary}, "items": [one record per prompt]}; a summary
     holds n, exact and per-attribute {correct, total, accuracy}, plus missing and extra object counts. With
     `out_dir`, also writes report.json and contact_sheet.png (green border: exact match, red: not).
     """
     from tqdm.auto import tqdm
 
+    sampler, steps, guidance = (model.default(k) if v is None else v
+                                for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)))
     side = model.config.sample_size
     items = shapes_prompts(seed, n_seen, n_heldout, n_two)
     records, images = [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,13 +18,27 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+# What a request leaves out, unless the model's folder recommends otherwise (A1111's and diffusers' usual
+# values). A diffusers folder may carry its own in generation_defaults.json (written by
+# `sdtorch convert --default-guidance ...`), as transformers' generation_config.json does for LLMs.
+GENERATION_DEFAULTS = {"steps": 20, "guidance": 7.5, "sampler": "dpmpp_2m"}
+DEFAULTS_FILE = "generation_defaults.json"
+
+
 class StableDiffusion:
-    """`unet`, `vae`, `text_encoder`, `tokenizer` and `config` of one Stable Diffusion model."""
+    """`unet`, `vae`, `text_encoder`, `tokenizer` and `config` of one Stable Diffusion model, and the model's
+    own generation `defaults` (a subset of GENERATION_DEFAULTS' keys)."""
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 config: ModelConfig, report: checkpoints.LoadReport | None = None, name: str = ""):
+                 config: ModelConfig, report: checkpoints.LoadReport | None = None, name: str = "",
+                 defaults: dict | None = None):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.config, self.report, self.name = tokenizer, config, report, name
+        self.defaults = check_defaults(defaults or {}, "defaults")
+
+    def default(self, key: str):
+        """The model's default for `key` (steps, guidance, sampler), else sdtorch's."""
+        return self.defaults.get(key, GENERATION_DEFAULTS[key])
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -38,7 +53,10 @@ class StableDiffusion:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
 
     def save_diffusers(self, folder, dtype=None) -> Path:
-        return checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype))
+        path = checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype))
+        if self.defaults:
+            (path / DEFAULTS_FILE).write_text(json.dumps(self.defaults, indent=2) + "\n")
+        return path
 
     def save_single_file(self, path, dtype=None) -> Path:
         return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype))
@@ -47,6 +65,9 @@ class StableDiffusion:
         from . import generation, images
 
         c = self.config
+        for key in GENERATION_DEFAULTS:
+            if kw.get(key) is None:
+                kw[key] = self.default(key)
         if kw.get("width") is None:
             kw["width"] = c.sample_size if source is None else source.shape[-1]
         if kw.get("height") is None:
@@ -64,10 +85,11 @@ class StableDiffusion:
         return out if output_type == "tensor" else images.to_pil(out)
 
     def txt2img(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
-                height: int | None = None, steps: int = 20, guidance: float = 7.5, sampler: str = "dpmpp_2m",
-                seed: int | None = None, batch_size: int = 1, output_type: str = "pil", progress: bool = False,
-                **opts):
-        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale. Seeds: seed, seed + 1, ..."""
+                height: int | None = None, steps: int | None = None, guidance: float | None = None,
+                sampler: str | None = None, seed: int | None = None, batch_size: int = 1, output_type: str = "pil",
+                progress: bool = False, **opts):
+        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale. Seeds: seed, seed + 1, ...
+        steps, guidance and sampler left as None take the model's defaults (`self.default`)."""
         return self._run(prompt, None, None, output_type, progress, negative_prompt=negative_prompt, width=width,
                          height=height, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                          batch_size=batch_size, **opts)
@@ -105,9 +127,42 @@ class StableDiffusion:
         lines = [f"model: {self.name}", f"family: {c.family}", f"prediction type: {c.prediction_type}",
                  f"UNet input channels: {c.unet.in_channels}" + (" (inpainting)" if c.inpainting else ""),
                  f"default size: {c.sample_size}x{c.sample_size}"]
+        if self.defaults:
+            lines.append("generation defaults: " + ", ".join(f"{k} {v}" for k, v in self.defaults.items()))
         lines += [f"{name} parameters: {n / 1e6:.1f} M" for name, n in counts.items()]
         lines.append(f"total parameters: {sum(counts.values()) / 1e6:.1f} M")
         return "\n".join(lines)
+
+
+def check_defaults(defaults: dict, where: str) -> dict:
+    """Validate generation defaults (from a file or a caller): known keys, and values a Request accepts."""
+    from .sampling import SAMPLERS
+
+    if not isinstance(defaults, dict):
+        raise SDTorchError(f"{where}: expected a JSON object of generation defaults")
+    unknown = sorted(set(defaults) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise SDTorchError(f"{where}: unknown generation defaults {unknown}; known: {', '.join(GENERATION_DEFAULTS)}")
+    steps, guidance, sampler = (defaults.get(k) for k in GENERATION_DEFAULTS)
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise SDTorchError(f"{where}: steps must be a positive integer, got {steps!r}")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)):
+        raise SDTorchError(f"{where}: guidance must be a number, got {guidance!r}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise SDTorchError(f"{where}: unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return dict(defaults)
+
+
+def read_defaults(folder: Path) -> dict:
+    """A diffusers folder's generation_defaults.json, or {} where there is none."""
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SDTorchError(f"{path}: not readable JSON ({e})") from None
+    return check_defaults(data, str(path))
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -164,5 +219,6 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
         dtype = dtype or torch.float32  # shipped in fp16 to stay small; fp16 is slow on CPUs
     config_, modules, tokenizer, report = checkpoints.read_checkpoint(
         path_or_name, _dtype(dtype), prediction_type, config, use_ema, strict)
+    defaults = read_defaults(path_or_name) if Path(path_or_name).is_dir() else {}
     return StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,
-                           name=Path(path_or_name).name)
+                           name=Path(path_or_name).name, defaults=defaults)
