@@ -48,7 +48,8 @@ def torch_equal(a, b) -> bool:
 
 
 def test_cli_takes_the_model_defaults_unless_given(folders, tmp_path):
-    code, out, err = run_cli("generate", "a red circle", "-m", folders / "tuned", "--seed", "1", "-o", tmp_path / "a.png")
+    code, out, err = run_cli("generate", "a red circle", "-m", folders / "tuned", "--seed", "1",
+                             "-o", tmp_path / "a.png")
     assert code == 0, err
     _, _, fields = infotext.parse(Image.open(tmp_path / "a.png").info["parameters"])
     assert (fields["CFG scale"], fields["Steps"], fields["Sampler"]) == ("2.5", "4", "Euler")

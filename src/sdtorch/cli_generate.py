@@ -116,7 +116,6 @@ def run(args, kind: str) -> None:
 def replay(args) -> None:
     """Read an image's parameters and make the text-to-image run again."""
     from .images import open_image
-    from .pipeline import load
 
     open_image(args.image)
     from PIL import Image

@@ -108,7 +108,9 @@ TINY = ModelConfig(  # runs in milliseconds on a CPU; for tests
 
 SHAPES = ModelConfig(  # the built-in model of the shapes world (sdtorch.data.shapes), 64 px
     family="sd1",
-    unet=UNetConfig(block_channels=(64, 128, 256), attention_levels=(True, True, True), layers_per_block=1,
+    # no attention at 16x16 (as SDXL drops it at its top level): 1.7x the training throughput, and
+    # one 20-step image in well under 0.5 s on a 2-core CPU
+    unet=UNetConfig(block_channels=(64, 128, 192), attention_levels=(False, True, True), layers_per_block=1,
                     num_heads=None, head_dim=32, context_dim=128),
     vae=VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16),  # 4x down: 16x16x4 latents
     text=TextConfig(width=128, layers=3, heads=4, mlp_width=512),  # vocab_size comes from the caption tokenizer

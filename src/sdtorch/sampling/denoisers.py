@@ -118,6 +118,8 @@ class EpsDenoiser(DiscreteDenoiser):
     """For a network that predicts the noise eps: D = x - sigma * eps(x / sqrt(sigma^2 + 1), t)
     (Karras et al. 2022, table 1, VP column: c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1))."""
 
+    prediction_type = "epsilon"
+
     def get_scalings(self, sigma):
         return torch.ones_like(sigma), -sigma, (sigma ** 2 + 1) ** -0.5
 
@@ -129,6 +131,8 @@ class VDenoiser(DiscreteDenoiser):
     """For a network that predicts v = alpha * eps - sigma_vp * x_0 (Salimans & Ho 2022, sec. 4; "v" in
     Imagen Video). With sigma_data = 1: c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1),
     c_in = 1 / sqrt(sigma^2 + 1) (Karras et al. 2022, eq. 7 preconditioning; k-diffusion's DiscreteVDDPMDenoiser)."""
+
+    prediction_type = "v_prediction"
 
     def get_scalings(self, sigma):
         c_in = (sigma ** 2 + 1) ** -0.5
@@ -165,6 +169,7 @@ class CFGDenoiser(nn.Module):
     `extra_args`. `rescale` is phi of `rescale_guidance` (0 turns it off). Guidance is applied to
     the x_0 estimates; for an eps- or v-network this equals guiding the network output (both are affine
     in it with the same coefficients), except for the rescale, which diffusers applies to the output.
+    At scale 1 the guided estimate is the conditional one, so only that pass runs (half the work).
     """
 
     def __init__(self, denoiser: nn.Module, scale: float = 7.5, rescale: float = 0.0):
@@ -178,6 +183,8 @@ class CFGDenoiser(nn.Module):
         scale = self.scale if scale is None else scale
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        if scale == 1:
+            return self.inner_model(x, sigma, context=context, **kwargs)
         # [B, ...] -> [2B, ...]: unconditional first, as diffusers orders its batch.
         out = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                context=torch.cat([uncond, context]), **kwargs)

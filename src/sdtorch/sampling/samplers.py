@@ -159,32 +159,55 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, noise=None, et
     return x
 
 
-# Adams-Bashforth weights of PNDM's pseudo linear multistep, newest eps first (Liu et al. 2022, eq. 12).
+# Adams-Bashforth weights of PNDM's pseudo linear multistep, newest output first (Liu et al. 2022, eq. 12).
 _PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
                  4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def prediction_type(model) -> str:
+    """What the network under a chain of denoiser wrappers (each holding `inner_model`) predicts:
+    "epsilon" or "v_prediction" (epsilon where no wrapper says)."""
+    while model is not None:
+        if isinstance(getattr(model, "prediction_type", None), str):
+            return model.prediction_type
+        model = getattr(model, "inner_model", None)
+    return "epsilon"
 
 
 @torch.no_grad()
 def sample_plms(model, x, sigmas, extra_args=None, callback=None, noise=None):
     """Pseudo linear multistep (PNDM, Liu et al. 2022, eq. 12) as diffusers runs it with skip_prk_steps:
     a pseudo improved Euler (Heun) first step instead of the Runge-Kutta warm-up, then Adams-Bashforth of
-    rising order up to 4 on eps. PNDM's transfer function (eq. 9) is a DDIM step, which divided by
-    sqrt(alpha_bar) reads x + eps * (sigma_next - sigma); and eps = dx/dsigma on this axis."""
+    rising order up to 4. PNDM's transfer function (eq. 9) is a DDIM step, which divided by
+    sqrt(alpha_bar) reads x + eps * (sigma_next - sigma); and eps = dx/dsigma on this axis.
+
+    The multistep combines what the network outputs: eps, or for a v-network v, which is turned into eps
+    afterwards with the current sample, eps = (v + sigma x / sqrt(sigma^2 + 1)) / sqrt(sigma^2 + 1) (the
+    VE form of eps = alpha v + sigma_vp x_vp), as diffusers' PNDMScheduler does."""
     s_in, extra_args, noise = _setup(x, sigmas, extra_args, noise)
-    ds = []
+    v_space = prediction_type(model) == "v_prediction"
+
+    def output(x, sigma, denoised):  # the network's own output, from the x_0 estimate
+        d = to_d(x, sigma, denoised)
+        return (d - sigma * denoised) * (sigma ** 2 + 1) ** -0.5 if v_space else d
+
+    def eps(out, x, sigma):
+        return (out + sigma * x * (sigma ** 2 + 1) ** -0.5) * (sigma ** 2 + 1) ** -0.5 if v_space else out
+
+    outs = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         _report(callback, i, x, sigma, denoised)
-        d = to_d(x, sigma, denoised)
-        ds = (ds + [d])[-4:]
-        if i == 0 and len(sigmas) > 2:  # pseudo improved Euler start; its second eps is not kept
-            x_2 = x + d * (sigma_next - sigma)
-            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in, **extra_args))
-            x = x + (d + d_2) / 2 * (sigma_next - sigma)
+        out = output(x, sigma, denoised)
+        outs = (outs + [out])[-4:]
+        if i == 0 and len(sigmas) > 2:  # pseudo improved Euler start; its second output is not kept
+            x_2 = x + eps(out, x, sigma) * (sigma_next - sigma)
+            out_2 = output(x_2, sigma_next, model(x_2, sigma_next * s_in, **extra_args))
+            x = x + eps((out + out_2) / 2, x, sigma) * (sigma_next - sigma)
             continue
-        d = sum(w * d_j for w, d_j in zip(_PLMS_WEIGHTS[len(ds)], reversed(ds)))
-        x = x + d * (sigma_next - sigma)
+        out = sum(w * o for w, o in zip(_PLMS_WEIGHTS[len(outs)], reversed(outs)))
+        x = x + eps(out, x, sigma) * (sigma_next - sigma)
     return x
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoints
-from ..config import PRESETS
-from ..errors import SDTorchError
 from ..models import AutoencoderKL
 from . import common, losses
 from .data import ImageCaptionDataset, collate
@@ -47,8 +44,8 @@ class VAETrainArgs:
     lpips_weight: float = 1.0
     disc_start: int = 500  # step at which the adversarial loss switches on
     disc_weight: float = 0.5
-    disc_norm: str = "group"
-    scaling_factor: float | None = None  # None: 1 / std of the training latents, measured at the end  # "group" is per-sample (identical under any batch split); "batch" as pix2pix
+    disc_norm: str = "group"  # "group" is per-sample (identical under any batch split); "batch" as pix2pix
+    scaling_factor: float | None = None  # None: 1 / std of the training latents, measured at the end
     bf16: bool = False
     val_size: int = 16
     seed: int = 0
@@ -73,31 +70,19 @@ class Reconstruct(torch.nn.Module):
         return self.vae.decode(post.mean + post.std * eps_fn(post.mean.shape[1:])), post
 
 
-def vae_config(args: VAETrainArgs):
-    if args.config.lower() in PRESETS:
-        return PRESETS[args.config.lower()].vae
-    from ..checkpoints.detect import config_from_json
-
-    try:
-        return config_from_json(json.loads(Path(args.config).read_text())).vae
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SDTorchError(f"{args.config}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
-
-
 def train(args: VAETrainArgs) -> Path:
     dist = common.init_distributed()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
                                   random_flip=args.random_flip, seed=args.seed)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_val = min(args.val_size, len(dataset) // 10)
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if len(train_idx) < args.batch_size * dist.world:
-        raise SDTorchError(f"{args.data}: {len(train_idx)} training images, fewer than one batch")
+    val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
 
     torch.manual_seed(args.seed)
-    vae = checkpoints.load_vae(args.init, torch.float32) if args.init else AutoencoderKL(vae_config(args))
+    if args.init:
+        vae = checkpoints.load_vae(args.init, torch.float32)
+    else:
+        vae = AutoencoderKL(common.load_config(args.config).vae)
     vae.train().requires_grad_(True)
     disc = losses.PatchDiscriminator(losses.DiscriminatorConfig(norm=args.disc_norm)).train()
     perceptual = losses.lpips_or_none(args.lpips, log=(print if dist.main else lambda m: None))
@@ -119,15 +104,7 @@ def train(args: VAETrainArgs) -> Path:
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
     log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
 
-    def batches_from(epoch, pos):
-        while True:
-            plan = common.epoch_batches(len(train_idx), args.batch_size, epoch, args.seed, dist)
-            dataset.set_epoch(epoch)
-            for k in range(pos, len(plan)):
-                yield epoch, k + 1, collate([dataset[train_idx[i]] for i in plan[k]])
-            epoch, pos = epoch + 1, 0
-
-    stream = batches_from(epoch, batch_pos)
+    stream = common.batch_stream(dataset, dataset, train_idx, args.batch_size, args.seed, dist, epoch, batch_pos)
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     bar = tqdm(total=args.max_steps, initial=step, desc="train-vae", disable=not (args.progress and dist.main))
     started, seen = time.perf_counter(), 0

@@ -1,5 +1,6 @@
-"""What both trainers share: distributed setup, per-sample seeds, data order, EMA, the learning-rate
-schedule, atomic checkpoints and the JSONL log with its PNG plot."""
+"""What both trainers share: distributed setup, config loading, the validation split, per-sample seeds,
+data order and the resumable batch stream, EMA, the learning-rate schedule, atomic checkpoints and the
+JSONL log with its PNG plot."""
 
 from __future__ import annotations
 
@@ -61,6 +62,49 @@ def epoch_batches(n: int, batch: int, epoch: int, seed: int, dist: Dist) -> list
     sampler.set_epoch(epoch)
     order = list(sampler)
     return [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+
+
+def load_config(spec: str):
+    """A ModelConfig from a preset name or a JSON file (as `sdtorch info` prints and train writes)."""
+    from ..checkpoints.detect import config_from_json
+    from ..config import PRESETS
+    from ..errors import SDTorchError
+
+    if spec.lower() in PRESETS:
+        return PRESETS[spec.lower()]
+    try:
+        return config_from_json(json.loads(Path(spec).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SDTorchError(f"{spec}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
+
+
+def split(dataset, data: str, val_size: int, batch_size: int, seed: int, dist: Dist) -> tuple[list[int], list[int]]:
+    """(validation, training) dataset indices: a seeded permutation, up to `val_size` (at most a tenth of
+    the data) held out; an error when fewer than one batch per process is left to train on."""
+    from ..errors import SDTorchError
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(val_size, len(dataset) // 10)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) < batch_size * dist.world:
+        raise SDTorchError(f"{data}: {len(train_idx)} training images, fewer than one batch "
+                           f"({batch_size} x {dist.world} processes)")
+    return val_idx, train_idx
+
+
+def batch_stream(source, dataset, train_idx: list[int], batch_size: int, seed: int, dist: Dist,
+                 epoch: int = 0, pos: int = 0):
+    """(epoch, position after this batch, batch) from batch `pos` of `epoch` on, one epoch after another;
+    `source[i]` gives samples (the dataset, or its latent cache), `dataset.set_epoch` seeds crops and flips.
+    The position is what a checkpoint stores to resume at the next batch."""
+    from .data import collate
+
+    while True:
+        plan = epoch_batches(len(train_idx), batch_size, epoch, seed, dist)
+        dataset.set_epoch(epoch)
+        for k in range(pos, len(plan)):
+            yield epoch, k + 1, collate([source[train_idx[i]] for i in plan[k]])
+        epoch, pos = epoch + 1, 0
 
 
 class EMA:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoints
-from ..config import PRESETS, ModelConfig
+from ..config import ModelConfig
 from ..errors import SDTorchError
 from ..models import CLIPTextModel, UNet
 from ..sampling import denoiser_for
@@ -81,15 +80,7 @@ class Trainable(nn.Module):
 
 
 def model_config(args: TrainArgs, vae_config, vocab_size: int) -> ModelConfig:
-    if args.config.lower() in PRESETS:
-        cfg = PRESETS[args.config.lower()]
-    else:
-        from ..checkpoints.detect import config_from_json
-
-        try:
-            cfg = config_from_json(json.loads(Path(args.config).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SDTorchError(f"{args.config}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
+    cfg = common.load_config(args.config)
     text = dataclasses.replace(cfg.text, vocab_size=vocab_size)
     return cfg.replace(vae=vae_config, text=text, prediction_type=args.prediction_type or cfg.prediction_type,
                        sample_size=args.resolution, family="sd2" if text.activation == "gelu" else "sd1")
@@ -138,12 +129,7 @@ def train(args: TrainArgs) -> Path:
 
     dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
                                   random_flip=args.random_flip, seed=args.seed)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_val = min(args.val_size, len(dataset) // 10)
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if len(train_idx) < args.batch_size * dist.world:
-        raise SDTorchError(f"{args.data}: {len(train_idx)} training images, fewer than one batch "
-                           f"({args.batch_size} x {dist.world} processes)")
+    val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
 
     vae = checkpoints.load_vae(args.vae, dtype=torch.float32).eval().requires_grad_(False)
     source = dataset
@@ -199,16 +185,7 @@ def train(args: TrainArgs) -> Path:
         with torch.no_grad():
             return frozen_text(ids)
 
-    def batches_from(epoch, pos):
-        """(epoch, position, batch) from the given point on, one epoch after another."""
-        while True:
-            plan = common.epoch_batches(len(train_idx), args.batch_size, epoch, args.seed, dist)
-            dataset.set_epoch(epoch)  # seeds random crops and flips
-            for k in range(pos, len(plan)):
-                yield epoch, k + 1, collate([source[train_idx[i]] for i in plan[k]])
-            epoch, pos = epoch + 1, 0
-
-    stream = batches_from(epoch, batch_pos)
+    stream = common.batch_stream(source, dataset, train_idx, args.batch_size, args.seed, dist, epoch, batch_pos)
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     scale, T = config.vae.scaling_factor, config.num_train_timesteps
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not (args.progress and dist.main))
