@@ -37,14 +37,14 @@ def cmd_info(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .pipeline import check_defaults
+    from .pipeline import GENERATION_DEFAULTS, check_defaults
 
     dst = Path(args.output)
     if not dst.parent.is_dir():
         raise SDTorchError(f"{dst}: folder {dst.parent} does not exist")
     if dst.suffix not in ("", ".safetensors"):
         raise SDTorchError(f"{dst}: write a .safetensors file or a folder (pickles like {dst.suffix} are unsafe)")
-    defaults = {k: getattr(args, f"default_{k}") for k in ("steps", "guidance", "sampler")
+    defaults = {k: getattr(args, f"default_{k}") for k in GENERATION_DEFAULTS
                 if getattr(args, f"default_{k}") is not None}
     if defaults and dst.suffix == ".safetensors":
         raise SDTorchError(f"{dst}: generation defaults are kept in diffusers folders only; write a folder")
