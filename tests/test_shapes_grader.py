@@ -9,13 +9,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import sdtorch
 from sdtorch.data.analyse import analyse, grade, match, parse_caption
 from sdtorch.data.shapes import (BACKGROUNDS, COLORS, CORNERS, HELD_OUT, POSITIONS, SHAPES, SIZES, TEAL, Obj, Scene,
                                  random_scene, render)
-from sdtorch.evaluation import ATTRIBUTES, SPLITS, evaluate_shapes, shapes_prompts, validate_analyser
+from sdtorch.evaluation import (ATTRIBUTES, SPLITS, autoencoder_roundtrip, evaluate_shapes, shapes_prompts,
+                                validate_analyser)
 from sdtorch.pipeline import GENERATION_DEFAULTS
 
 ALL_COLORS = (*COLORS, "teal")
@@ -210,7 +212,7 @@ class Painter:
 def test_evaluation_counts():
     model = Painter()
     report = evaluate_shapes(model, steps=3, sampler="euler", guidance=2.0, seed=7, n_seen=5, n_heldout=4,
-                             n_two=3, progress=False)
+                             n_two=3, progress=False, roundtrip=False)
     assert model.calls[0] == dict(steps=3, sampler="euler", guidance=2.0, seed=7, width=64)
     assert [c["seed"] for c in model.calls] == list(range(7, 19))
     for name, n in zip(SPLITS, (5, 4, 3)):
@@ -219,7 +221,7 @@ def test_evaluation_counts():
         assert all(s[a]["accuracy"] == 1.0 for a in ATTRIBUTES)
     assert report["splits"]["two"]["color"]["total"] == 6 and report["overall"]["n"] == 12
     painter = Painter(wrong_color=True)
-    report = evaluate_shapes(painter, n_seen=3, n_heldout=2, n_two=2, progress=False)
+    report = evaluate_shapes(painter, n_seen=3, n_heldout=2, n_two=2, progress=False, roundtrip=False)
     assert painter.calls[0] == dict(steps=20, sampler="dpmpp_2m", guidance=7.5, seed=0, width=64)  # the defaults
     assert report["settings"]["guidance"] == 7.5
     o = report["overall"]
@@ -232,7 +234,9 @@ def test_evaluate_tiny_model_end_to_end(tmp_path):
     report = evaluate_shapes(model, steps=2, n_seen=1, n_heldout=1, n_two=1, out_dir=tmp_path, progress=False)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert set(saved) == {"settings", "overall", "splits", "items"} and set(saved["splits"]) == set(SPLITS)
+    assert set(saved) == {"settings", "overall", "splits", "items", "autoencoder"}
+    assert set(saved["splits"]) == set(saved["autoencoder"]["splits"]) == set(SPLITS)
+    assert saved["autoencoder"]["overall"]["n"] == 3
     for s in saved["splits"].values():
         assert s["n"] == 1 and {"exact", *ATTRIBUTES, "missing", "extra"} <= set(s)
         assert all({"correct", "total", "accuracy"} == set(s[k]) for k in ("exact", *ATTRIBUTES))
@@ -240,3 +244,26 @@ def test_evaluate_tiny_model_end_to_end(tmp_path):
     assert {"prompt", "split", "seed", "read", "exact", "background", "objects"} <= set(saved["items"][0])
     with Image.open(tmp_path / "contact_sheet.png") as sheet:
         assert sheet.width >= 3 * 128 and sheet.height > 128
+
+
+class ToyVAE(torch.nn.Module):
+    """encode/decode as the identity, or a decoder that paints everything mid-gray (`blank`)."""
+
+    def __init__(self, blank: bool = False):
+        super().__init__()
+        self.blank, self.anchor = blank, torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return SimpleNamespace(mode=lambda: x.clone())
+
+    def decode(self, z):
+        return torch.zeros_like(z) if self.blank else z
+
+
+def test_autoencoder_roundtrip_is_the_vae_ceiling():
+    items = shapes_prompts(seed=3, n_seen=4, n_heldout=4, n_two=4)
+    perfect = autoencoder_roundtrip(ToyVAE(), items, seed=3)
+    assert perfect["overall"]["exact"]["accuracy"] == 1.0
+    assert {name: s["n"] for name, s in perfect["splits"].items()} == {"seen": 4, "heldout": 4, "two": 4}
+    blank = autoencoder_roundtrip(ToyVAE(blank=True), items, seed=3)
+    assert blank["overall"]["exact"]["correct"] == 0 and blank["overall"]["missing"] == 16

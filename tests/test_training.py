@@ -74,6 +74,23 @@ def test_train_vae_then_train_and_generate(data, tmp_path):
     assert model.txt2img("a red disc", steps=2, seed=0, output_type="tensor").shape == (1, 3, 32, 32)
 
 
+def test_decoder_only_fine_tune_keeps_the_latent_space(data, tmp_path):
+    root, vae_dir = data
+    base = checkpoints.load_vae(vae_dir, torch.float32)
+    r = cli("train-vae", root, tmp_path / "ft", "--init", vae_dir, "--decoder-only", "--resolution", "32",
+            "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--disc-start", "100", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    tuned = checkpoints.load_vae(tmp_path / "ft" / "vae", torch.float32)
+    old, new = base.state_dict(), tuned.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert not torch.equal(old["decoder.conv_out.weight"], new["decoder.conv_out.weight"])
+    assert not torch.equal(old["post_quant_conv.weight"], new["post_quant_conv.weight"])
+    assert tuned.config.scaling_factor == base.config.scaling_factor  # not measured again: the latents are the same
+    r = cli("train-vae", root, tmp_path / "bad", "--decoder-only", "--max-steps", "1", "--no-progress")
+    assert r.returncode != 0 and "give it with --init" in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_resume_after_sigkill_is_exact(data, tmp_path):
     steps = ["--max-steps", "12", "--checkpoint-every", "3", "--keep-checkpoints", "2"]
     whole = tmp_path / "whole"

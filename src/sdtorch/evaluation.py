@@ -40,12 +40,14 @@ def shapes_prompts(seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: 
 
 def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                     seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, out_dir=None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, roundtrip: bool = True) -> dict:
     """Generate one image per prompt (seed + i for the i-th), grade it, and summarise per split.
 
     sampler, steps and guidance left as None take the model's defaults (`model.default`).
     Returns {"settings", "overall", "splits": {split: summary}, "items": [one record per prompt]}; a summary
     holds n, exact and per-attribute {correct, total, accuracy}, plus missing and extra object counts. With
+    `roundtrip`, also "autoencoder": the same summaries for each prompt's own render passed through the
+    model's VAE (`autoencoder_roundtrip`), the ceiling the VAE sets on the generations' scores. With
     `out_dir`, also writes report.json and contact_sheet.png (green border: exact match, red: not).
     """
     from tqdm.auto import tqdm
@@ -70,6 +72,8 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
         "splits": {name: summarise([r for r in records if r["split"] == name]) for name in SPLITS},
         "items": records,
     }
+    if roundtrip:
+        report["autoencoder"] = autoencoder_roundtrip(model.vae, items, seed=seed, size=side)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +81,29 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
         contact_sheet(images, [r["prompt"] for r in records], [r["exact"] for r in records]).save(
             out / "contact_sheet.png")
     return report
+
+
+def autoencoder_roundtrip(vae, items: list[tuple[str, Scene]], seed: int = 0, size: int = 64) -> dict:
+    """Render each (split, scene), encode it with `vae` (the posterior's mode), decode and grade it.
+
+    What a generation can score at best if the UNet found the ideal latent: a VAE that cannot reproduce a
+    scene (an unseen colour-shape pair, say) makes its prompt fail whatever the sampler does. The i-th
+    render's jitter is seeded by seed + i. Returns {"overall", "splits"} summaries as in `evaluate_shapes`.
+    """
+    import torch
+
+    from .generation import decode
+    from .images import to_pil, to_tensor
+
+    p = next(vae.parameters())
+    records = []
+    for i, (split, scene) in enumerate(items):
+        image = to_tensor(render(scene, size, random.Random(seed + i))).to(p.device, p.dtype)
+        with torch.no_grad():
+            restored = decode(vae, vae.encode(image).mode())
+        records.append({"split": split, **match(scene, analyse(to_pil(restored)[0]))})
+    return {"overall": summarise(records),
+            "splits": {name: summarise([r for r in records if r["split"] == name]) for name in SPLITS}}
 
 
 def summarise(records: list[dict]) -> dict:

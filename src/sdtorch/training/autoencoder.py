@@ -2,6 +2,9 @@
 
 Loss = reconstruction (L1 or MSE, + optional LPIPS) + kl_weight * KL, and, from `disc_start` on, a
 PatchGAN hinge loss weighted adaptively at the decoder's last layer (Esser et al. 2021, eq. 7).
+With `decoder_only` the encoder of an `init` autoencoder is frozen and only the decoder learns, as for
+Stable Diffusion's ft-EMA/ft-MSE VAEs: the latents and their scaling factor do not change, so a UNet
+already trained on them keeps working and is only decoded better.
 Held-out PSNR and SSIM are logged at every evaluation. Checkpoints, resume, logs and torchrun work as
 in `sdtorch train` (see `diffusion.py`).
 """
@@ -18,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoints
+from ..errors import SDTorchError
 from ..models import AutoencoderKL
 from . import common, losses
 from .data import ImageCaptionDataset, collate
@@ -29,6 +33,7 @@ class VAETrainArgs:
     output: str  # run folder: checkpoints/, vae/, log.jsonl, loss.png, reconstructions.png
     config: str = "tiny"  # a preset name or a ModelConfig JSON file; its `vae` part is used
     init: str | None = None  # start from this autoencoder instead of random weights
+    decoder_only: bool = False  # with init: train only the decoder, so the latent space stays as it is
     resolution: int = 64
     center_crop: bool = True
     random_flip: bool = False
@@ -71,6 +76,8 @@ class Reconstruct(torch.nn.Module):
 
 
 def train(args: VAETrainArgs) -> Path:
+    if args.decoder_only and not args.init:
+        raise SDTorchError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
     dist = common.init_distributed()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,11 +91,15 @@ def train(args: VAETrainArgs) -> Path:
     else:
         vae = AutoencoderKL(common.load_config(args.config).vae)
     vae.train().requires_grad_(True)
+    if args.decoder_only:  # no gradients reach the encoder, so the KL term is a constant and only logged
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
     disc = losses.PatchDiscriminator(losses.DiscriminatorConfig(norm=args.disc_norm)).train()
     perceptual = losses.lpips_or_none(args.lpips, log=(print if dist.main else lambda m: None))
     wrap = (lambda m: torch.nn.parallel.DistributedDataParallel(m)) if dist.world > 1 else (lambda m: m)
     reconstruct, disc_ddp = wrap(Reconstruct(vae)), wrap(disc)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
 
@@ -127,7 +138,7 @@ def train(args: VAETrainArgs) -> Path:
                 loss = loss + weight * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.clip_grad)
+        torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
         opt.step()
         sched.step()
         d_loss = torch.zeros(())
@@ -159,7 +170,8 @@ def train(args: VAETrainArgs) -> Path:
                 args.keep_checkpoints)
     bar.close()
     if dist.main:
-        factor = args.scaling_factor or latent_scaling_factor(vae.eval(), dataset, train_idx, args.batch_size)
+        factor = args.scaling_factor or (vae.config.scaling_factor if args.decoder_only else
+                                         latent_scaling_factor(vae.eval(), dataset, train_idx, args.batch_size))
         vae.config = dataclasses.replace(vae.config, scaling_factor=factor)
         checkpoints.save_vae(vae, out / "vae", args.resolution)
     if dist.world > 1:
