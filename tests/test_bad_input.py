@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -152,3 +153,26 @@ def test_convert_cli_roundtrip(tiny_file, tmp_path):
     torch.testing.assert_close(back.unet.conv_in.weight, ref.unet.conv_in.weight.half().float(), rtol=0, atol=0)
     assert_one_line_error(["convert", tiny_file, tmp_path / "no" / "such.safetensors"], "does not exist")
     assert_one_line_error(["convert", tiny_file, tmp_path / "x.ckpt"], "unsafe")
+
+
+def test_convert_bakes_in_another_vae(tiny_file, tmp_path):
+    from sdtorch.checkpoints import save_vae
+    from sdtorch.config import TINY
+    from sdtorch.models import AutoencoderKL
+
+    other = sdtorch.build("tiny", seed=9).vae
+    other.config = dataclasses.replace(other.config, scaling_factor=0.5)
+    save_vae(other, tmp_path / "vae", 64)
+    code, out, err = run_cli("convert", tiny_file, tmp_path / "baked", "--vae", tmp_path / "vae")
+    assert code == 0, err
+    baked, ref = sdtorch.load(tmp_path / "baked"), sdtorch.load(tiny_file)
+    assert baked.config.vae.scaling_factor == 0.5 != ref.config.vae.scaling_factor
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(baked.vae.state_dict()[k], v, rtol=0, atol=0)
+    torch.testing.assert_close(baked.unet.conv_in.weight, ref.unet.conv_in.weight, rtol=0, atol=0)
+    assert not torch.equal(baked.vae.decoder.conv_out.weight, ref.vae.decoder.conv_out.weight)
+    wide = AutoencoderKL(dataclasses.replace(TINY.vae, latent_channels=8))
+    save_vae(wide, tmp_path / "wide", 64)
+    assert_one_line_error(["convert", tiny_file, tmp_path / "wide-baked", "--vae", tmp_path / "wide"],
+                          "8 latent channels", "do not fit")
+    assert not (tmp_path / "wide-baked").exists()

@@ -37,6 +37,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    from . import checkpoints
     from .pipeline import GENERATION_DEFAULTS, check_defaults
 
     dst = Path(args.output)
@@ -52,6 +53,8 @@ def cmd_convert(args) -> None:
     if model.report is None:
         raise SDTorchError(f"{args.model}: a preset has no weights to convert; give a checkpoint")
     model.defaults = check_defaults({**model.defaults, **defaults}, "convert")
+    if args.vae is not None:
+        model.use_vae(checkpoints.load_vae(args.vae))
     if dst.suffix == ".safetensors":
         model.save_single_file(dst, dtype=args.save_dtype)
     else:
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-steps", type=int, help="the folder's recommended steps (generation_defaults.json)")
     p.add_argument("--default-guidance", type=float, help="the folder's recommended guidance scale")
     p.add_argument("--default-sampler", help="the folder's recommended sampler")
+    p.add_argument("--vae", help="bake in this autoencoder instead (an AutoencoderKL folder or a model's)")
     _add_load_flags(p)
     p.set_defaults(func=cmd_convert)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,6 +48,18 @@ class StableDiffusion:
     def to(self, device=None, dtype=None) -> "StableDiffusion":
         for m in self.modules.values():
             m.to(device=device, dtype=dtype)
+        return self
+
+    def use_vae(self, vae: AutoencoderKL) -> "StableDiffusion":
+        """Swap in another autoencoder ("bake in a VAE"), e.g. one whose decoder was fine-tuned with
+        `sdtorch train-vae --decoder-only`. Its latent channels must be the UNet's; its scaling factor
+        replaces the model's."""
+        if vae.config.latent_channels != self.config.unet.out_channels:
+            raise SDTorchError(f"the VAE has {vae.config.latent_channels} latent channels and the UNet "
+                               f"{self.config.unet.out_channels}: they do not fit together")
+        p = next(self.vae.parameters())
+        self.vae = vae.to(p.device, p.dtype).eval()
+        self.config = dataclasses.replace(self.config, vae=vae.config)
         return self
 
     def parameter_counts(self) -> dict[str, int]:
