@@ -132,3 +132,31 @@ def test_dtype_on_load(reference, tmp_path):
     half = model.save_single_file(tmp_path / "half.safetensors", dtype="fp16")
     kept = sdtorch.load(half)  # no dtype: keep the checkpoint's own
     assert next(kept.unet.parameters()).dtype == torch.float16
+
+
+def test_vae_without_middle_attention_matches_diffusers(tmp_path):
+    """diffusers' mid_block_add_attention=False: the folder, our save (opened by diffusers) and a single file."""
+    from diffusers import AutoencoderKL
+    from sdtorch.checkpoints import load_vae, save_vae
+
+    torch.manual_seed(3)
+    ref = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, sample_size=16, mid_block_add_attention=False).eval()
+    ref.save_pretrained(tmp_path / "ref")
+    ours = load_vae(tmp_path / "ref", torch.float32)
+    assert ours.config.mid_attention is False and len(ours.decoder.mid_block.attentions) == 0
+    i = seeded_inputs(4)
+    with torch.no_grad():
+        expected = dict(mean=ref.encode(i["image"]).latent_dist.mean, decoded=ref.decode(i["latents"]).sample)
+        assert_close(expected, dict(mean=ours.encode(i["image"]).mean, decoded=ours.decode(i["latents"])))
+        save_vae(ours, tmp_path / "ours", 32)
+        back = AutoencoderKL.from_pretrained(tmp_path / "ours").eval()
+        assert_close(expected, dict(mean=back.encode(i["image"]).latent_dist.mean,
+                                    decoded=back.decode(i["latents"]).sample))
+    model = sdtorch.build("tiny")
+    model.use_vae(ours)
+    model.save_single_file(tmp_path / "m.safetensors")
+    again = sdtorch.load(tmp_path / "m.safetensors")  # the architecture detected from the keys
+    assert again.config.vae.mid_attention is False
+    assert_same_weights(model, again)

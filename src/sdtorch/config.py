@@ -43,6 +43,7 @@ class VAEConfig:
     layers_per_block: int = 2  # encoder ResBlocks per level (decoder uses one more)
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # latents are multiplied by this before diffusion (LDM sec. 4.3.2)
+    mid_attention: bool = True  # self-attention in the middle blocks (diffusers' mid_block_add_attention)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def infer_config(sd: StateDict, family: str) -> ModelConfig:
     vae = VAEConfig(in_channels=shape(f"{v}encoder.conv_in.weight")[1],
                     latent_channels=shape(f"{v}post_quant_conv.weight")[0],
                     block_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0] for i in range(vl)),
-                    layers_per_block=_count(sd, rf"^{re.escape(v)}encoder\.down\.0\.block\.(\d+)\."))
+                    layers_per_block=_count(sd, rf"^{re.escape(v)}encoder\.down\.0\.block\.(\d+)\."),
+                    mid_attention=f"{v}decoder.mid.attn_1.q.weight" in sd)
 
     if family == "sd1":
         t = SD1_TEXT_PREFIX if f"{SD1_TEXT_PREFIX}embeddings.token_embedding.weight" in sd \

@@ -56,7 +56,8 @@ def vae_config(v: dict) -> VAEConfig:
     """A VAEConfig from diffusers' AutoencoderKL config.json."""
     return VAEConfig(in_channels=v.get("in_channels", 3), latent_channels=v.get("latent_channels", 4),
                      block_channels=tuple(v["block_out_channels"]), layers_per_block=v.get("layers_per_block", 2),
-                     norm_groups=v.get("norm_num_groups", 32), scaling_factor=v.get("scaling_factor", 0.18215))
+                     norm_groups=v.get("norm_num_groups", 32), scaling_factor=v.get("scaling_factor", 0.18215),
+                     mid_attention=v.get("mid_block_add_attention", True))
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -115,7 +116,7 @@ def component_configs(cfg: ModelConfig) -> dict[str, dict]:
            "block_out_channels": list(v.block_channels), "down_block_types": ["DownEncoderBlock2D"] * len(v.block_channels),
            "up_block_types": ["UpDecoderBlock2D"] * len(v.block_channels), "layers_per_block": v.layers_per_block,
            "norm_num_groups": v.norm_groups, "act_fn": "silu", "sample_size": cfg.sample_size,
-           "scaling_factor": v.scaling_factor}
+           "scaling_factor": v.scaling_factor, "mid_block_add_attention": v.mid_attention}
     text = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
             "hidden_size": t.width, "intermediate_size": t.mlp_width, "num_hidden_layers": t.layers,
             "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions, "hidden_act": t.activation,

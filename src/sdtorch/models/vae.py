@@ -71,13 +71,16 @@ class Block(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, attention: bool = True):
         super().__init__()
         self.resnets = nn.ModuleList([ResBlock(ch, ch, groups, EPS), ResBlock(ch, ch, groups, EPS)])
-        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, groups)] if attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
 
 
 class Encoder(nn.Module):
@@ -92,7 +95,7 @@ class Encoder(nn.Module):
             down = Downsample(out, asymmetric_pad=True) if i < len(chs) - 1 else None
             self.down_blocks.append(Block(resnets, down, "down"))
             ch = out
-        self.mid_block = MidBlock(ch, g)
+        self.mid_block = MidBlock(ch, g, cfg.mid_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch, eps=EPS)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
 
@@ -109,7 +112,7 @@ class Decoder(nn.Module):
         super().__init__()
         g, chs = cfg.norm_groups, tuple(reversed(cfg.block_channels))
         self.conv_in = nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
-        self.mid_block = MidBlock(chs[0], g)
+        self.mid_block = MidBlock(chs[0], g, cfg.mid_attention)
         self.up_blocks = nn.ModuleList()
         ch = chs[0]
         for i, out in enumerate(chs):
