@@ -2,8 +2,8 @@
 
 Targets (issue 5): one 64 px image in <= 0.5 s after the model is loaded; the CLI, process start
 included, in <= 5 s. Reference in the same run: the same request through diffusers'
-StableDiffusionPipeline on the same weights (DPMSolverMultistepScheduler, 20 steps, the model's
-default guidance; both run the unconditional pass).
+StableDiffusionPipeline on the same weights (DPMSolverMultistepScheduler, the model's default steps
+and guidance; both run the unconditional pass).
 
     python benchmarks/shapes_speed.py [--repeats 5]
 """
@@ -52,8 +52,9 @@ def main() -> None:
                                                    torch_dtype=torch.float32, safety_checker=None)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    guidance = model.default("guidance")
-    run = lambda: pipe(PROMPT, height=64, width=64, num_inference_steps=20, guidance_scale=guidance,  # noqa: E731
+    guidance, steps = model.default("guidance"), model.default("steps")
+    assert model.default("sampler") == "dpmpp_2m", "the reference below is diffusers' DPM-Solver++(2M)"
+    run = lambda: pipe(PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
                        generator=torch.Generator().manual_seed(0))
     run()
     theirs = timed(run, args.repeats)
@@ -63,7 +64,7 @@ def main() -> None:
         subprocess.run(cmd, check=True, capture_output=True)  # warm the file cache
         cold = timed(lambda: subprocess.run(cmd, check=True, capture_output=True), max(3, args.repeats // 2))
 
-    print(f"built-in shapes model, {torch.get_num_threads()} threads, 20 steps dpmpp_2m, CFG {guidance}, median")
+    print(f"built-in shapes model, {torch.get_num_threads()} threads, {steps} steps dpmpp_2m, CFG {guidance}, median")
     print(f"load (sdtorch.load('shapes'))          {load_s:6.2f} s")
     print(f"one image, sdtorch                     {ours:6.3f} s   (target <= 0.5 s)")
     print(f"one image, diffusers, same weights     {theirs:6.3f} s   ratio sdtorch/diffusers {ours / theirs:.2f}")
