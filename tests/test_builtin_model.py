@@ -4,12 +4,16 @@ data that both trainers accept (a few TINY steps)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 from PIL import Image
 from test_bad_input import run_cli
 
 import sdtorch
+from sdtorch import checkpoints
 from sdtorch.data import analyse, shapes
 from sdtorch.evaluation import autoencoder_roundtrip, shapes_prompts
 from sdtorch.pipeline import builtin_path
@@ -69,3 +73,18 @@ def test_make_shapes_feeds_both_trainers(tmp_path):
     assert code == 0, err
     records = [json.loads(x) for x in (tmp_path / "unet" / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2
+
+
+@needs_model
+def test_loading_stays_light_for_a_fast_cold_start():
+    """Modules are built empty on the meta device without torch.nn.init's fills, which would import
+    torch._dynamo (about 1 s); the fills are back afterwards, even after a failure."""
+    code = ("import sys, torch, sdtorch; m = sdtorch.load('shapes'); m.txt2img('a red circle', steps=1); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    normal = torch.nn.init.normal_
+    with pytest.raises(RuntimeError), checkpoints.on_meta():
+        assert torch.nn.init.normal_ is not normal and torch.empty(2).is_meta
+        raise RuntimeError("boom")
+    assert torch.nn.init.normal_ is normal and not torch.empty(2).is_meta

@@ -194,7 +194,7 @@ def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -
             raise SDTorchError(f"unknown preset {config!r}; presets are {', '.join(PRESETS)}")
         config = PRESETS[config.lower()]
     torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
+    with checkpoints.on_meta() if device == "meta" else torch.device(device or "cpu"):
         unet, vae, text = UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)
     tokenizer = CLIPTokenizer.bundled(config.pad_token)
     return StableDiffusion(unet.eval(), vae.eval(), text.eval(), tokenizer, config, name=f"{name} (random init)")

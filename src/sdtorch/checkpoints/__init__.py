@@ -22,17 +22,17 @@ from ..tokenizer import CLIPTokenizer
 from . import detect, diffusers_folder, keymaps
 from .io import StateDict, read_state_dict, write_safetensors
 from .keymaps import SD1_TEXT_PREFIX, Source
-from .loader import LoadReport, check, load_component
+from .loader import LoadReport, check, load_component, on_meta
 
-__all__ = ["LoadReport", "load_vae", "read_checkpoint", "read_state_dict", "save_diffusers", "save_single_file",
-           "save_vae"]
+__all__ = ["LoadReport", "load_vae", "on_meta", "read_checkpoint", "read_state_dict", "save_diffusers",
+           "save_single_file", "save_vae"]
 
 FACTORIES = {"unet": lambda c: UNet(c.unet), "vae": lambda c: AutoencoderKL(c.vae),
              "text_encoder": lambda c: CLIPTextModel(c.text)}
 
 
 def _keys(component: str, config: ModelConfig) -> list[str]:
-    with torch.device("meta"):
+    with on_meta():
         return list(FACTORIES[component](config).state_dict())
 
 

@@ -6,6 +6,8 @@ Modules are built on the `meta` device and the file's tensors are assigned into 
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -85,12 +87,28 @@ def _apply(t: torch.Tensor, transform) -> torch.Tensor:
     return t
 
 
+@contextlib.contextmanager
+def on_meta():
+    """Build modules empty on the meta device, with torch.nn.init's random fills skipped: there is
+    nothing to fill, and `normal_` on a meta tensor imports torch._dynamo, about 1 s of a cold start."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def load_component(name: str, factory: Callable[[], nn.Module], sources: Mapping[str, Source],
                    sd: StateDict, dtype: torch.dtype | None, strict: bool) -> tuple[nn.Module, ComponentReport]:
     """Build the module and fill it from `sd`; `sources` maps each parameter to its stored tensor."""
     report = ComponentReport(name, str(sd.path))
     # Strict: an empty (meta) module to fill. Partial: what the file lacks keeps its fresh initialisation.
-    with torch.device("meta" if strict else "cpu"):
+    with on_meta() if strict else torch.device("cpu"):
         module = factory()
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     plan = {}
