@@ -137,6 +137,7 @@ def test_dtype_on_load(reference, tmp_path):
 def test_vae_without_middle_attention_matches_diffusers(tmp_path):
     """diffusers' mid_block_add_attention=False: the folder, our save (opened by diffusers) and a single file."""
     from diffusers import AutoencoderKL
+
     from sdtorch.checkpoints import load_vae, save_vae
 
     torch.manual_seed(3)

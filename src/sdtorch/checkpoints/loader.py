@@ -7,7 +7,6 @@ Modules are built on the `meta` device and the file's tensors are assigned into 
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -90,7 +89,8 @@ def _apply(t: torch.Tensor, transform) -> torch.Tensor:
 @contextlib.contextmanager
 def on_meta():
     """Build modules empty on the meta device, with torch.nn.init's random fills skipped: there is
-    nothing to fill, and `normal_` on a meta tensor imports torch._dynamo, about 1 s of a cold start."""
+    nothing to fill, and `normal_` on a meta tensor imports torch._dynamo, about 1 s of a cold start.
+    The fills are swapped out process-wide while the block runs (as transformers' no_init_weights)."""
     names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(nn.init, n) for n in names}
     for n in names:
