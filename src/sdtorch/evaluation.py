@@ -68,8 +68,7 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
     report = {
         "settings": {"model": getattr(model, "name", ""), "sampler": sampler, "steps": steps, "guidance": guidance,
                      "seed": seed, "size": side, "n_seen": n_seen, "n_heldout": n_heldout, "n_two": n_two},
-        "overall": summarise(records),
-        "splits": {name: summarise([r for r in records if r["split"] == name]) for name in SPLITS},
+        **summarise_splits(records),
         "items": records,
     }
     if roundtrip:
@@ -102,6 +101,11 @@ def autoencoder_roundtrip(vae, items: list[tuple[str, Scene]], seed: int = 0, si
         with torch.no_grad():
             restored = decode(vae, vae.encode(image).mode())
         records.append({"split": split, **match(scene, analyse(to_pil(restored)[0]))})
+    return summarise_splits(records)
+
+
+def summarise_splits(records: list[dict]) -> dict:
+    """{"overall": summary of all records, "splits": {split: summary of that split's records}}."""
     return {"overall": summarise(records),
             "splits": {name: summarise([r for r in records if r["split"] == name]) for name in SPLITS}}
 
