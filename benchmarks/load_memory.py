@@ -45,6 +45,15 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": dt, "peak_above_base_bytes": (peak - base) * 1024, "weight_bytes": n}))
 """
 
+BUILD = r"""
+import sys
+import sdtorch
+dtype, single, folder = sys.argv[1:4]
+model = sdtorch.build("sd15")
+model.save_single_file(single, dtype=dtype)
+model.save_diffusers(folder, dtype=dtype)
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -55,12 +64,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     single, folder = out / f"sd15-{args.dtype}.safetensors", out / f"sd15-{args.dtype}"
     if not single.exists() or not (folder / "model_index.json").exists():
-        import sdtorch
-
-        model = sdtorch.build("sd15")
-        model.save_single_file(single, dtype=args.dtype)
-        model.save_diffusers(folder, dtype=args.dtype)
-        del model
+        # in a child process: Linux keeps a process's peak RSS across fork and exec, so building the model
+        # here (several GB) would raise every loader child's baseline above what loading adds
+        subprocess.run([sys.executable, "-c", BUILD, args.dtype, str(single), str(folder)], check=True)
     print(f"SD15, {args.dtype} weights; peak RSS above the interpreter's baseline / weight bytes")
     print("(seconds: the load call alone; peak: after touching every page of the loaded weights)")
     print(f"{'loader':<34}{'seconds':>9}{'peak GB':>9}{'x weights':>11}")
