@@ -12,7 +12,8 @@ DECODER_STEPS=${DECODER_STEPS:-2000}
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
 
-# 2. the autoencoder (4x down, 16x16x4 latents); L1 + KL, no adversarial loss; scaling factor measured
+# 2. the autoencoder (4x down, 16x16x4 latents, no self-attention in the middle blocks: the SHAPES
+#    preset); L1 + KL, no adversarial loss; scaling factor measured
 [ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae" \
   --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
   --kl-weight 1e-6 --disc-start 1000000 --val-every 250 --checkpoint-every 250 --seed 0 --resume
@@ -27,8 +28,7 @@ DECODER_STEPS=${DECODER_STEPS:-2000}
   "a large green triangle in the bottom right on a gray background"
 
 # 3b. the decoder trained further with the encoder frozen (as SD's ft-MSE VAE): the latents, so the UNet
-#     above, are unchanged. After stage 2 alone, the decoder blotched small orange and yellow squares on gray,
-#     pairs it never saw, into circles in 20% and 10% of round trips.
+#     above, are unchanged; held-out PSNR 32.2 -> 34.7 dB.
 [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae-ft" \
   --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
   --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 --val-every 250 --checkpoint-every 250 \
