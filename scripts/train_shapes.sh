@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 VAE_STEPS=${VAE_STEPS:-2000}
-UNET_STEPS=${UNET_STEPS:-8000}
-DECODER_STEPS=${DECODER_STEPS:-2000}
+UNET_STEPS=${UNET_STEPS:-6000}
+DECODER_STEPS=${DECODER_STEPS:-1000}
 
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
@@ -16,7 +16,7 @@ DECODER_STEPS=${DECODER_STEPS:-2000}
 #    preset); L1 + KL, no adversarial loss; scaling factor measured
 [ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae" \
   --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
-  --kl-weight 1e-6 --disc-start 1000000 --val-every 250 --checkpoint-every 250 --seed 0 --resume
+  --kl-weight 1e-6 --disc-start 1000000 --bf16 --val-every 250 --checkpoint-every 250 --seed 0 --resume
 
 # 3. the UNet and a text encoder from scratch, on cached latents, with a BPE trained on the captions
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
@@ -31,7 +31,7 @@ DECODER_STEPS=${DECODER_STEPS:-2000}
 #     above, are unchanged; held-out PSNR 32.2 -> 34.7 dB.
 [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae-ft" \
   --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
-  --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 --val-every 250 --checkpoint-every 250 \
+  --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 --bf16 --val-every 250 --checkpoint-every 250 \
   --seed 0 --resume
 
 # 4. ship it: the EMA weights and the fine-tuned decoder in fp16 inside the package, where

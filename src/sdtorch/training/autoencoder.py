@@ -11,7 +11,6 @@ in `sdtorch train` (see `diffusion.py`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -99,8 +98,8 @@ def train(args: VAETrainArgs) -> Path:
     perceptual = losses.lpips_or_none(args.lpips, log=(print if dist.main else lambda m: None))
     wrap = (lambda m: torch.nn.parallel.DistributedDataParallel(m)) if dist.world > 1 else (lambda m: m)
     reconstruct, disc_ddp = wrap(Reconstruct(vae)), wrap(disc)
-    opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt = common.adamw(trainable, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt_d = common.adamw(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
 
     step, epoch, batch_pos = 0, 0, 0
@@ -116,7 +115,6 @@ def train(args: VAETrainArgs) -> Path:
     log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
 
     stream = common.batch_stream(dataset, dataset, train_idx, args.batch_size, args.seed, dist, epoch, batch_pos)
-    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     bar = tqdm(total=args.max_steps, initial=step, desc="train-vae", disable=not (args.progress and dist.main))
     started, seen = time.perf_counter(), 0
     while step < args.max_steps:
@@ -124,7 +122,7 @@ def train(args: VAETrainArgs) -> Path:
         x = batch["pixels"]
         gens = [common.sample_generator(args.seed, epoch, int(i), 0) for i in batch["index"]]
         adversarial = step >= args.disc_start
-        with autocast():
+        with common.autocast(args.bf16):
             rec, post = reconstruct(x, lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]))
             rec_loss = losses.reconstruction_loss(rec.float(), x, args.rec_loss)
             if perceptual is not None:
@@ -143,7 +141,7 @@ def train(args: VAETrainArgs) -> Path:
         sched.step()
         d_loss = torch.zeros(())
         if adversarial:
-            with autocast():
+            with common.autocast(args.bf16):
                 d_loss = losses.hinge_d_loss(disc_ddp(x), disc_ddp(rec.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()

@@ -138,6 +138,33 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
     return factor
 
 
+def adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) with the fused kernel, which updates every tensor in one call:
+    on this 2-core CPU the optimizer step of the shapes UNet went from about 75 ms to 31 ms. A state
+    saved by the unfused optimizer loads into it (resume is unchanged)."""
+    return torch.optim.AdamW(params, fused=True, **kw)
+
+
+def autocast(bf16: bool):
+    """bfloat16 autocast for a training forward on the CPU when asked for, else nothing."""
+    import contextlib
+
+    return torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def attention_kernel(bf16: bool):
+    """The context a whole training step (forward and backward) runs in: with bfloat16, attention goes
+    through PyTorch's math kernel. Its CPU backward at these short sequences (16 to 77 tokens) is far
+    cheaper than the fused flash kernel's: a shapes UNet training step measured 0.71x the time. In
+    float32 the two kernels measured the same, so the default is kept there. The backward must run
+    inside it too: gradient checkpointing recomputes the forward there."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if bf16 else contextlib.nullcontext()
+
+
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     """Write `ckpt-STEP.pt` through a temporary file and a rename, then point `latest` at it (also
     atomically), then keep only the newest `keep`. A kill at any moment leaves `latest` complete."""

@@ -164,7 +164,7 @@ def train(args: TrainArgs) -> Path:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     denoiser = denoiser_for(model.unet, config)
     ema = common.EMA(model, args.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = common.adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
 
     step, epoch, batch_pos = 0, 0, 0
@@ -186,7 +186,6 @@ def train(args: TrainArgs) -> Path:
             return frozen_text(ids)
 
     stream = common.batch_stream(source, dataset, train_idx, args.batch_size, args.seed, dist, epoch, batch_pos)
-    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     scale, T = config.vae.scaling_factor, config.num_train_timesteps
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not (args.progress and dist.main))
     started, seen = time.perf_counter(), 0
@@ -196,9 +195,10 @@ def train(args: TrainArgs) -> Path:
             epoch, batch_pos, batch = next(stream)
             latents, noise, t, captions = prepare_batch(batch, epoch, args, vae, scale, T)
             sync = ddp.no_sync if dist.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext
-            with sync(), autocast():
-                loss = ddp(denoiser, latents, noise, t, encode_text(captions), args.min_snr_gamma).mean()
-            (loss / args.grad_accum).backward()
+            with sync(), common.attention_kernel(args.bf16):  # no_sync must cover the backward too
+                with common.autocast(args.bf16):
+                    loss = ddp(denoiser, latents, noise, t, encode_text(captions), args.min_snr_gamma).mean()
+                (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
             seen += len(captions) * dist.world
         total = common.mean_over_ranks(total, dist)  # the loss over all processes' samples
