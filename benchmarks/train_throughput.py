@@ -2,7 +2,9 @@
 
 For each configuration (TINY, and SMALL: ~17 M parameters) and precision (fp32, bf16 autocast), both
 implementations start from the same weights and do the same step: forward on noisy latents, MSE to
-the noise, backward, AdamW. Prints samples/s of each and the sdtorch / diffusers ratio.
+the noise, backward, AdamW. Prints samples/s of each and the sdtorch / diffusers ratio, and then the
+step as `sdtorch train` takes it (fused AdamW, and with bf16 attention through the math kernel:
+`training.common.adamw` and `attention_kernel`) against the same diffusers step.
 
     python benchmarks/train_throughput.py [--batch 16] [--latent 16] [--steps 6]
 """
@@ -38,19 +40,23 @@ def diffusers_twin(cfg: sdtorch.UNetConfig):
         use_linear_projection=cfg.linear_projection)
 
 
-def samples_per_s(model, call, batch: int, latent: int, ctx_dim: int, steps: int, bf16: bool) -> float:
+def samples_per_s(model, call, batch: int, latent: int, ctx_dim: int, steps: int, bf16: bool,
+                  trainer: bool = False) -> float:
+    """trainer: the step as sdtorch's trainers take it, else plain AdamW and the default attention kernel."""
+    from sdtorch.training import common
+
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(batch, 4, latent, latent, generator=g), torch.randn(batch, 77, ctx_dim, generator=g)
     t, noise = torch.randint(0, 1000, (batch,), generator=g), torch.randn(batch, 4, latent, latent, generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+    opt = (common.adamw if trainer else torch.optim.AdamW)(model.parameters(), lr=1e-4)
     model.train()
     times = []
     for i in range(steps + 1):  # the first step warms up and is not counted
         t0 = time.perf_counter()
-        with autocast:
-            loss = (call(model, x, t, ctx).float() - noise).pow(2).mean()
-        loss.backward()
+        with common.attention_kernel(bf16) if trainer else contextlib.nullcontext():
+            with common.autocast(bf16):
+                loss = (call(model, x, t, ctx).float() - noise).pow(2).mean()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:
@@ -66,7 +72,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"UNet training step (forward + backward + AdamW), batch {args.batch}, {args.latent}x{args.latent} "
           f"latents, {torch.get_num_threads()} threads, mean of {args.steps} steps after one warm-up")
-    print(f"{'config':<8}{'params':>9}{'precision':>11}{'sdtorch/s':>11}{'diffusers/s':>13}{'ratio':>8}")
+    print(f"{'config':<8}{'params':>9}{'precision':>11}{'sdtorch/s':>11}{'diffusers/s':>13}{'ratio':>8}"
+          f"{'sdtorch train/s':>17}{'ratio':>8}")
     for name, cfg in (("TINY", sdtorch.TINY.unet), ("SMALL", SMALL)):
         torch.manual_seed(0)
         ours = UNet(cfg)
@@ -78,7 +85,10 @@ def main() -> None:
                               args.steps, bf16)
             b = samples_per_s(theirs, lambda m, x, t, c: m(x, t, c).sample, args.batch, args.latent,
                               cfg.context_dim, args.steps, bf16)
-            print(f"{name:<8}{params / 1e6:>8.1f}M{'bf16' if bf16 else 'fp32':>11}{a:>11.1f}{b:>13.1f}{a / b:>8.2f}")
+            c = samples_per_s(ours, lambda m, x, t, c: m(x, t, c), args.batch, args.latent, cfg.context_dim,
+                              args.steps, bf16, trainer=True)
+            print(f"{name:<8}{params / 1e6:>8.1f}M{'bf16' if bf16 else 'fp32':>11}{a:>11.1f}{b:>13.1f}{a / b:>8.2f}"
+                  f"{c:>17.1f}{c / b:>8.2f}")
 
 
 if __name__ == "__main__":

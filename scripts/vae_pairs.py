@@ -14,10 +14,8 @@ import random
 import torch
 
 from sdtorch.checkpoints import load_vae
-from sdtorch.data.analyse import analyse, match
-from sdtorch.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, allowed, render
-from sdtorch.generation import decode
-from sdtorch.images import to_pil, to_tensor
+from sdtorch.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, allowed
+from sdtorch.evaluation import roundtrip
 
 JITTERS = 2
 
@@ -37,10 +35,7 @@ def failing_pairs(vae) -> tuple[dict[str, int], int]:
                     for i, position in enumerate(POSITIONS):
                         for j in range(JITTERS):
                             scene = Scene((Obj(size, color, shape, position),), background)
-                            x = to_tensor(render(scene, 64, random.Random(100 * i + j)))
-                            with torch.no_grad():
-                                y = decode(vae, vae.encode(x).mode())
-                            correct += match(scene, analyse(to_pil(y)[0]))["exact"]
+                            correct += roundtrip(vae, scene, random.Random(100 * i + j))["exact"]
                     if correct < len(POSITIONS) * JITTERS:
                         failing[f"{size} {color} {shape} on {background}"] = correct
     return failing, cases

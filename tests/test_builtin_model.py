@@ -39,6 +39,19 @@ def test_builtin_generations_follow_their_prompts():
 
 
 @needs_model
+@pytest.mark.parametrize("sampler", ["plms", "ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_every_readme_sampler_at_50_steps_on_the_fp16_model(sampler):
+    """The shipped model is fp16 and its linear schedule starts at sigma = 131: when the sampler's state was
+    kept in fp16, PLMS's v -> eps conversion (sigma * x) overflowed to inf and the image came out black."""
+    model = sdtorch.load("shapes", dtype="fp16")  # as a GPU user would run it; the CPU default is fp32
+    assert next(model.unet.parameters()).dtype == torch.float16
+    prompt = CASES[0][0]
+    image = model.txt2img(prompt, seed=0, steps=50, sampler=sampler)[0]
+    result = analyse.match(analyse.parse_caption(prompt), analyse.analyse(image))
+    assert result["exact"], (sampler, result)
+
+
+@needs_model
 def test_builtin_autoencoder_reproduces_its_world():
     """The shipped VAE (no middle attention, decoder fine-tuned with the encoder frozen) reads back the
     renders of 32 prompts, held-out pairs included: 32 of 32 when measured."""

@@ -89,19 +89,24 @@ def autoencoder_roundtrip(vae, items: list[tuple[str, Scene]], seed: int = 0, si
     scene (an unseen colour-shape pair, say) makes its prompt fail whatever the sampler does. The i-th
     render's jitter is seeded by seed + i. Returns {"overall", "splits"} summaries as in `evaluate_shapes`.
     """
+    records = [{"split": split, **roundtrip(vae, scene, random.Random(seed + i), size)}
+               for i, (split, scene) in enumerate(items)]
+    return summarise_splits(records)
+
+
+def roundtrip(vae, scene: Scene, rng: random.Random, size: int = 64) -> dict:
+    """Render one scene (its jitter drawn from `rng`), encode it (the posterior's mode), decode it and
+    grade the result against the scene: a `match` record."""
     import torch
 
     from .generation import decode
     from .images import to_pil, to_tensor
 
     p = next(vae.parameters())
-    records = []
-    for i, (split, scene) in enumerate(items):
-        image = to_tensor(render(scene, size, random.Random(seed + i))).to(p.device, p.dtype)
-        with torch.no_grad():
-            restored = decode(vae, vae.encode(image).mode())
-        records.append({"split": split, **match(scene, analyse(to_pil(restored)[0]))})
-    return summarise_splits(records)
+    image = to_tensor(render(scene, size, rng)).to(p.device, p.dtype)
+    with torch.no_grad():
+        restored = decode(vae, vae.encode(image).mode())
+    return match(scene, analyse(to_pil(restored)[0]))
 
 
 def summarise_splits(records: list[dict]) -> dict:
