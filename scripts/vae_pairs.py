@@ -14,7 +14,16 @@ import random
 import torch
 
 from sdtorch.checkpoints import load_vae
-from sdtorch.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, allowed
+from sdtorch.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    allowed,
+)
 from sdtorch.evaluation import roundtrip
 
 JITTERS = 2

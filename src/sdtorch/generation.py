@@ -100,7 +100,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     unet, vae = model.unet, model.vae
     # The sampler's state is float32 whatever the network's dtype: on the variance-exploding axis x reaches
     # sigma_max * 4 (over 500 for a linear schedule), and in fp16 a product like sigma * x overflows (PLMS at
-    # 50 steps gave inf, then black images, for 6 of 32 prompts of the fp16 built-in model).
+    # 50 steps gave inf, then black images, for 6 of 32 prompts of the built-in model loaded in fp16).
     device, dtype = next(unet.parameters()).device, torch.float32
     scale = model.config.vae.scaling_factor
     factor = 2 ** (len(model.config.vae.block_channels) - 1)  # 8 for SD's VAE

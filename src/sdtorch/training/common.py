@@ -154,10 +154,10 @@ def autocast(bf16: bool):
 
 def attention_kernel(bf16: bool):
     """The context a whole training step (forward and backward) runs in, on the CPU where the trainers
-    run: with bfloat16, attention goes through PyTorch's math kernel. Its CPU backward at these short sequences (16 to 77 tokens) is far
-    cheaper than the fused flash kernel's: a shapes UNet training step measured 0.71x the time. In
-    float32 the two kernels measured the same, so the default is kept there. The backward must run
-    inside it too: gradient checkpointing recomputes the forward there."""
+    run: with bfloat16, attention goes through PyTorch's math kernel. Its CPU backward at these short
+    sequences (16 to 77 tokens) is far cheaper than the fused flash kernel's: a shapes UNet training
+    step measured 0.71x the time. In float32 the two kernels measured the same, so the default is kept
+    there. The backward must run inside it too: gradient checkpointing recomputes the forward there."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
