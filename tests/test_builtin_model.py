@@ -34,7 +34,7 @@ def test_builtin_generations_follow_their_prompts():
     assert model.defaults == {"guidance": 2.0, "steps": 10}  # chosen on validation prompts (eval_shapes.sh)
     for prompt, seed in CASES:
         image = model.txt2img(prompt, seed=seed)[0]  # dpmpp_2m, 10 steps, guidance 2
-        result = analyse.match(analyse.parse_caption(prompt), analyse.analyse(image))
+        result = analyse.grade(image, prompt)
         assert result["exact"], (prompt, seed, result)
 
 
@@ -47,7 +47,7 @@ def test_every_readme_sampler_at_50_steps_on_the_fp16_model(sampler):
     assert next(model.unet.parameters()).dtype == torch.float16
     prompt = CASES[0][0]
     image = model.txt2img(prompt, seed=0, steps=50, sampler=sampler)[0]
-    result = analyse.match(analyse.parse_caption(prompt), analyse.analyse(image))
+    result = analyse.grade(image, prompt)
     assert result["exact"], (sampler, result)
 
 
