@@ -20,8 +20,9 @@ from sdtorch.pipeline import builtin_path
 
 needs_model = pytest.mark.skipif(builtin_path("shapes") is None, reason="built-in model not installed")
 
-# (prompt, seed) pairs from the evaluation at the model's defaults (runs/shapes-eval/default), one per
-# split: seen, held-out colour-shape pair, two objects. A regression in any part of generation breaks them.
+# (prompt, seed) pairs from the evaluation at the model's defaults (scripts/eval_shapes.sh, step 2), one per
+# split, each read back exactly there: seen, held-out colour-shape pair, two objects. A regression in any
+# part of generation breaks them.
 CASES = [("a large red square in the bottom right on a gray background", 0),
          ("a large green triangle in the center on a gray background", 60),
          ("a large blue circle in the bottom right and a large purple triangle in the top right on a white background",
@@ -31,9 +32,9 @@ CASES = [("a large red square in the bottom right on a gray background", 0),
 @needs_model
 def test_builtin_generations_follow_their_prompts():
     model = sdtorch.load("shapes")
-    assert model.defaults == {"guidance": 2.0, "steps": 10}  # chosen on validation prompts (eval_shapes.sh)
+    assert model.defaults == {"guidance": 3.0, "steps": 10}  # chosen on validation prompts (eval_shapes.sh)
     for prompt, seed in CASES:
-        image = model.txt2img(prompt, seed=seed)[0]  # dpmpp_2m, 10 steps, guidance 2
+        image = model.txt2img(prompt, seed=seed)[0]  # dpmpp_2m, 10 steps, guidance 3
         result = analyse.grade(image, prompt)
         assert result["exact"], (prompt, seed, result)
 
@@ -46,7 +47,9 @@ def test_every_readme_sampler_at_50_steps_on_the_fp16_model(sampler):
     model = sdtorch.load("shapes", dtype="fp16")  # as a GPU user would run it; the CPU default is fp32
     assert next(model.unet.parameters()).dtype == torch.float16
     prompt = CASES[0][0]
-    image = model.txt2img(prompt, seed=0, steps=50, sampler=sampler)[0]
+    # seed 1: at seed 0 PLMS draws this square as a circle, in fp32 as in fp16 (a miss of the model's,
+    # one of PLMS's two in the README's 50-step column), where the overflow drew a black image
+    image = model.txt2img(prompt, seed=1, steps=50, sampler=sampler)[0]
     result = analyse.grade(image, prompt)
     assert result["exact"], (sampler, result)
 

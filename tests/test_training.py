@@ -168,6 +168,19 @@ def test_caption_tokenizer_round_trips():
     assert tok.encode("ünseen wörds 42!")  # every byte stays encodable
 
 
+def test_caption_tokenizer_is_the_same_from_the_same_captions():
+    """HF's BPE trainer numbers the word-final characters in hash-map order, new for every trainer, and an
+    id picks an embedding row: the ids are renumbered in CLIP's layout so a training run reproduces."""
+    captions = [f"a {s} {c} {shape} in the {p}" for s in ("small", "large") for c in COLOURS
+                for shape in ("circle", "square", "triangle") for p in ("top left", "bottom right", "center")]
+    first = CLIPTokenizer.train(captions)
+    for _ in range(4):  # 12 word-final characters: equal by chance about once in 12! tries without the fix
+        assert CLIPTokenizer.train(captions).vocab == first.vocab
+    byte_chars = list(CLIPTokenizer.bundled().vocab)[:256]
+    assert list(first.vocab)[:512] == byte_chars + [c + "</w>" for c in byte_chars]
+    assert list(first.vocab.values()) == list(range(len(first.vocab)))
+
+
 def test_schedule_ema_and_sample_seeds():
     f = common.warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == pytest.approx(0.0)

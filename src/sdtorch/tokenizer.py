@@ -115,31 +115,61 @@ class CLIPTokenizer:
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int = 1024) -> CLIPTokenizer:
-        """A CLIP-style BPE learnt from `texts` with HF `tokenizers` (Sennrich et al. 2016): the same
-        normalisation, splitting and byte alphabet as CLIP, so this class encodes with it unchanged."""
-        import tempfile
+        """A CLIP-style BPE learnt from `texts` (Sennrich et al. 2016, "Neural Machine Translation of Rare
+        Words with Subword Units", Algorithm 1): the same normalisation, splitting and byte alphabet as
+        CLIP, so this class encodes with it unchanged. Each step merges the most frequent adjacent pair,
+        ties going to the pair that sorts first, so the same texts always give the same tokenizer (HF's
+        trainer broke ties and numbered tokens in hash-map order, new in every process, and a token's id
+        picks its embedding row). Ids follow CLIP's layout: every byte, every byte ending a word, the
+        merges in rank order, bos, eos. `vocab_size` counts all of them and caps the merges; merging
+        also stops when no pair occurs twice."""
+        from collections import Counter, defaultdict
 
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-        def words(text):
+        counts: Counter[str] = Counter()
+        for text in texts:
             for piece in _CLIP_SPLIT.findall(normalize(text)):
                 for word in _BYTE_LEVEL_SPLIT.findall(piece):
-                    yield "".join(_BYTE_CHARS[b] for b in word.encode("utf-8"))
-
+                    counts["".join(_BYTE_CHARS[b] for b in word.encode("utf-8"))] += 1
+        words = [[*w[:-1], w[-1] + "</w>"] for w in counts]
+        freq = list(counts.values())
+        pairs: Counter[tuple[str, str]] = Counter()
+        where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)  # pair -> words holding it
+        for k, w in enumerate(words):
+            for pair in zip(w, w[1:]):
+                pairs[pair] += freq[k]
+                where[pair].add(k)
         alphabet = list(_BYTE_CHARS.values())
-        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-        bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the words above contain no space
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=alphabet,
-                                      end_of_word_suffix="</w>", show_progress=False)
-        bpe.train_from_iterator((" ".join(words(t)) for t in texts), trainer)
-        with tempfile.TemporaryDirectory() as tmp:
-            vocab_file, merges_file = bpe.model.save(tmp)
-            vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
-            lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
-        for token in alphabet + [c + "</w>" for c in alphabet]:  # every byte must stay encodable
-            vocab.setdefault(token, len(vocab))
-        return cls(vocab, merges)
+        tokens = alphabet + [c + "</w>" for c in alphabet]
+        known = set(tokens)
+        merges: list[tuple[str, str]] = []
+        while len(tokens) + 2 < vocab_size and pairs:
+            count, best = min((-n, pair) for pair, n in pairs.items())  # most frequent, then first in order
+            if -count < 2:
+                break
+            a, b = best
+            merges.append(best)
+            if a + b not in known:
+                known.add(a + b)
+                tokens.append(a + b)
+            for k in sorted(where.pop(best)):
+                w, n = words[k], freq[k]
+                for pair in zip(w, w[1:]):  # take the word's pairs out, merge, put the new ones in
+                    pairs[pair] -= n
+                    if pairs[pair] <= 0:
+                        del pairs[pair]
+                merged, i = [], 0
+                while i < len(w):
+                    if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                        merged.append(a + b)
+                        i += 2
+                    else:
+                        merged.append(w[i])
+                        i += 1
+                words[k] = merged
+                for pair in zip(merged, merged[1:]):
+                    pairs[pair] += n
+                    where[pair].add(k)
+        return cls({t: i for i, t in enumerate(tokens + [BOS, EOS])}, merges)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
