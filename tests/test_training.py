@@ -179,6 +179,8 @@ def test_caption_tokenizer_is_the_same_from_the_same_captions():
     byte_chars = list(CLIPTokenizer.bundled().vocab)[:256]
     assert list(first.vocab)[:512] == byte_chars + [c + "</w>" for c in byte_chars]
     assert list(first.vocab.values()) == list(range(len(first.vocab)))
+    with pytest.raises(ValueError, match="below 514"):
+        CLIPTokenizer.train(captions, vocab_size=100)
 
 
 def test_schedule_ema_and_sample_seeds():

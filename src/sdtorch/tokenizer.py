@@ -125,6 +125,8 @@ class CLIPTokenizer:
         also stops when no pair occurs twice."""
         from collections import Counter, defaultdict
 
+        if vocab_size < 2 * 256 + 2:
+            raise ValueError(f"vocab_size {vocab_size} is below 514: every byte, alone and ending a word, and bos/eos")
         counts: Counter[str] = Counter()
         for text in texts:
             for piece in _CLIP_SPLIT.findall(normalize(text)):
