@@ -169,12 +169,13 @@ def test_caption_tokenizer_round_trips():
 
 
 def test_caption_tokenizer_is_the_same_from_the_same_captions():
-    """HF's BPE trainer numbers the word-final characters in hash-map order, new for every trainer, and an
-    id picks an embedding row: the ids are renumbered in CLIP's layout so a training run reproduces."""
+    """An id picks an embedding row, so a training run reproduces only if the same captions give the same
+    ids: HF's BPE trainer, used before, numbered tokens and broke merge ties in hash-map order, new for
+    every trainer; sdtorch's own breaks ties by order and numbers tokens in CLIP's layout."""
     captions = [f"a {s} {c} {shape} in the {p}" for s in ("small", "large") for c in COLOURS
                 for shape in ("circle", "square", "triangle") for p in ("top left", "bottom right", "center")]
     first = CLIPTokenizer.train(captions)
-    for _ in range(4):  # 12 word-final characters: equal by chance about once in 12! tries without the fix
+    for _ in range(4):  # HF's trainer gave another vocabulary on the first or second of these
         assert CLIPTokenizer.train(captions).vocab == first.vocab
     byte_chars = list(CLIPTokenizer.bundled().vocab)[:256]
     assert list(first.vocab)[:512] == byte_chars + [c + "</w>" for c in byte_chars]
