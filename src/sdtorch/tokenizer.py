@@ -83,6 +83,40 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
         raise CheckpointError(f"{path}: not a BPE tokenizer file ({e})") from None
 
 
+def _words(text: str):
+    """The pre-tokenized words of `text` (no special tokens): normalised, split by CLIP's pattern, then
+    by GPT-2's byte-level one."""
+    for piece in _CLIP_SPLIT.findall(normalize(text)):
+        yield from _BYTE_LEVEL_SPLIT.findall(piece)
+
+
+def _symbols(word: str) -> list[str]:
+    """A word's UTF-8 bytes as printable chars, `</w>` on the last: what BPE merges start from."""
+    parts = [_BYTE_CHARS[b] for b in word.encode("utf-8")]
+    parts[-1] += "</w>"
+    return parts
+
+
+def _merge(parts: list[str], pair: tuple[str, str]) -> list[str]:
+    """`parts` with every occurrence of `pair` joined, left to right."""
+    merged, i = [], 0
+    while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+            merged.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
+
+
+def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's id layout: every byte, every byte ending a word, the merges' results in rank order, bos, eos."""
+    alphabet = list(_BYTE_CHARS.values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(pair) for pair in merges] + [BOS, EOS]
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+
+
 class CLIPTokenizer:
     """Text -> CLIP token ids, padded to a fixed length; ids match `transformers.CLIPTokenizer`."""
 
@@ -109,9 +143,7 @@ class CLIPTokenizer:
         data = resources.files("sdtorch") / "data" / "bpe_simple_vocab_16e6.txt.gz"
         lines = gzip.decompress(data.read_bytes()).decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-        tokens = list(_BYTE_CHARS.values())
-        tokens += [t + "</w>" for t in tokens] + ["".join(pair) for pair in merges] + [BOS, EOS]
-        return cls({t: i for i, t in enumerate(tokens)}, merges, pad_token=pad_token)
+        return cls(_clip_vocab(merges), merges, pad_token=pad_token)
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int = 1024) -> CLIPTokenizer:
@@ -127,12 +159,8 @@ class CLIPTokenizer:
 
         if vocab_size < 2 * 256 + 2:
             raise ValueError(f"vocab_size {vocab_size} is below 514: every byte, alone and ending a word, and bos/eos")
-        counts: Counter[str] = Counter()
-        for text in texts:
-            for piece in _CLIP_SPLIT.findall(normalize(text)):
-                for word in _BYTE_LEVEL_SPLIT.findall(piece):
-                    counts["".join(_BYTE_CHARS[b] for b in word.encode("utf-8"))] += 1
-        words = [[*w[:-1], w[-1] + "</w>"] for w in counts]
+        counts = Counter(word for text in texts for word in _words(text))
+        words = [_symbols(w) for w in counts]
         freq = list(counts.values())
         pairs: Counter[tuple[str, str]] = Counter()
         where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)  # pair -> words holding it
@@ -140,38 +168,25 @@ class CLIPTokenizer:
             for pair in zip(w, w[1:]):
                 pairs[pair] += freq[k]
                 where[pair].add(k)
-        alphabet = list(_BYTE_CHARS.values())
-        tokens = alphabet + [c + "</w>" for c in alphabet]
-        known = set(tokens)
         merges: list[tuple[str, str]] = []
-        while len(tokens) + 2 < vocab_size and pairs:
+        made: set[str] = set()  # the merges' distinct results: each is one more token
+        while 2 * 256 + len(made) + 2 < vocab_size and pairs:
             count, best = min((-n, pair) for pair, n in pairs.items())  # most frequent, then first in order
             if -count < 2:
                 break
-            a, b = best
             merges.append(best)
-            if a + b not in known:
-                known.add(a + b)
-                tokens.append(a + b)
+            made.add("".join(best))
             for k in sorted(where.pop(best)):
                 w, n = words[k], freq[k]
                 for pair in zip(w, w[1:]):  # take the word's pairs out, merge, put the new ones in
                     pairs[pair] -= n
                     if pairs[pair] <= 0:
                         del pairs[pair]
-                merged, i = [], 0
-                while i < len(w):
-                    if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                        merged.append(a + b)
-                        i += 2
-                    else:
-                        merged.append(w[i])
-                        i += 1
-                words[k] = merged
-                for pair in zip(merged, merged[1:]):
+                words[k] = _merge(w, best)
+                for pair in zip(words[k], words[k][1:]):
                     pairs[pair] += n
                     where[pair].add(k)
-        return cls({t: i for i, t in enumerate(tokens + [BOS, EOS])}, merges)
+        return cls(_clip_vocab(merges), merges)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
@@ -234,22 +249,13 @@ class CLIPTokenizer:
         """Ids of one pre-tokenized word: its bytes as chars, `</w>` on the last, merged by rank."""
         if word in self._cache:
             return self._cache[word]
-        parts = [_BYTE_CHARS[b] for b in word.encode("utf-8")]
-        parts[-1] += "</w>"
+        parts = _symbols(word)
         while len(parts) > 1:
             pairs = {(a, b) for a, b in zip(parts, parts[1:])}
             best = min(pairs, key=lambda pair: self._ranks.get(pair, float("inf")))
             if best not in self._ranks:
                 break
-            merged, i = [], 0
-            while i < len(parts):  # merge every occurrence of the best pair, left to right
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            parts = _merge(parts, best)
         ids = [self.vocab[p] for p in parts]
         if len(self._cache) < 100_000:
             self._cache[word] = ids
@@ -262,9 +268,8 @@ class CLIPTokenizer:
             if i % 2:  # odd parts are the captured special tokens
                 ids.append(self.vocab[part])
                 continue
-            for piece in _CLIP_SPLIT.findall(normalize(part)):
-                for word in _BYTE_LEVEL_SPLIT.findall(piece):
-                    ids.extend(self._bpe(word))
+            for word in _words(part):
+                ids.extend(self._bpe(word))
         return ids
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
