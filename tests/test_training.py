@@ -184,6 +184,26 @@ def test_caption_tokenizer_is_the_same_from_the_same_captions():
         CLIPTokenizer.train(captions, vocab_size=100)
 
 
+def test_train_takes_a_tokenizer_folder(data, tmp_path):
+    """--tokenizer FOLDER keeps that tokenizer's ids (so a shipped model's run can be repeated exactly);
+    a model folder works too, and a folder with no tokenizer in it is a clear error."""
+    captions = [f"a {c} disc on the {side}" for c in COLOURS for side in ("left", "right")]
+    given = CLIPTokenizer.train(captions * 3, vocab_size=600)
+    given.save(tmp_path / "tok")
+    out = tmp_path / "run"
+    r = cli(*train_cmd(data, out, "--max-steps", "1", "--tokenizer", tmp_path / "tok"))
+    assert r.returncode == 0, r.stderr
+    assert CLIPTokenizer.from_folder(out / "tokenizer").vocab == given.vocab
+    assert sdtorch.load(out / "model").tokenizer.vocab == given.vocab
+    r = cli(*train_cmd(data, tmp_path / "again", "--max-steps", "1", "--tokenizer", out / "model"))
+    assert r.returncode == 0, r.stderr
+    assert CLIPTokenizer.from_folder(tmp_path / "again" / "tokenizer").vocab == given.vocab
+    (tmp_path / "empty").mkdir()
+    r = cli(*train_cmd(data, tmp_path / "bad", "--max-steps", "1", "--tokenizer", tmp_path / "empty"))
+    assert r.returncode == 2 and "vocab.json" in r.stderr, r.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_schedule_ema_and_sample_seeds():
     f = common.warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == pytest.approx(0.0)
@@ -231,3 +251,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in unet.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_compile_trains_as_eager_does(data, tmp_path):
+    """--compile (TorchInductor's C++ kernels) gives the eager run's losses, step for step, within the
+    rounding of reordered float32 sums."""
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        r = cli(*train_cmd(data, out, "--max-steps", "3", flag))
+        assert r.returncode == 0, r.stderr
+        records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        losses[flag] = [rec["loss"] for rec in records if "loss" in rec]
+    assert len(losses["--compile"]) == 3
+    torch.testing.assert_close(losses["--compile"], losses["--no-compile"], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_a_compiler_is_a_clear_error(data, tmp_path, monkeypatch):
+    from sdtorch.errors import SDTorchError
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(SDTorchError, match="C\\+\\+ compiler"):
+        common.compiled(torch.nn.Linear(2, 2))

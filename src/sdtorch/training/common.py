@@ -165,6 +165,22 @@ def attention_kernel(bf16: bool):
     return sdpa_kernel([SDPBackend.MATH]) if bf16 else contextlib.nullcontext()
 
 
+def compiled(module: nn.Module) -> nn.Module:
+    """`module` compiled by TorchInductor (`torch.compile`), for the training forward and its backward.
+    On the CPU Inductor writes C++/OpenMP kernels that fuse the elementwise work between convolutions and
+    matmuls (normalisation, activations, autocast's casts): the shapes UNet's bf16 training step took
+    0.82x the eager time (8 alternating rounds of 5 steps in one process, after an 8 s compile). It needs
+    a C++ compiler; the first step compiles, and a new input shape compiles again."""
+    import shutil
+
+    from ..errors import SDTorchError
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise SDTorchError("--compile needs a C++ compiler on PATH (g++, c++ or clang++) for torch.compile's "
+                           "CPU kernels; install one (Debian: apt install g++) or train without --compile")
+    return torch.compile(module)
+
+
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     """Write `ckpt-STEP.pt` through a temporary file and a rename, then point `latest` at it (also
     atomically), then keep only the newest `keep`. A kill at any moment leaves `latest` complete."""

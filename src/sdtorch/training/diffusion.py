@@ -35,7 +35,7 @@ class TrainArgs:
     vae: str  # a trained autoencoder (`sdtorch train-vae` output) or any model sdtorch.load opens
     config: str = "tiny"  # UNet/text architecture: a preset name or a JSON ModelConfig file
     text_encoder: str = "scratch"  # "scratch" (trained jointly, as LDM) or a model to take a frozen one from
-    tokenizer: str = "clip"  # "clip" (bundled BPE) or "captions" (a BPE trained on the captions)
+    tokenizer: str = "clip"  # "clip" (bundled BPE), "captions" (a BPE trained on the captions) or a folder
     tokenizer_vocab: int = 1024
     prediction_type: str | None = None  # "epsilon" or "v_prediction"; default: the config's
     resolution: int = 64
@@ -53,6 +53,7 @@ class TrainArgs:
     min_snr_gamma: float | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the training forward and backward (needs a C++ compiler)
     cache_latents: bool = False  # encode every image once to disk (needs center crop, no flips)
     val_size: int = 16
     seed: int = 0
@@ -95,8 +96,11 @@ def make_tokenizer(args: TrainArgs, dataset, out: Path) -> CLIPTokenizer:
         tok = CLIPTokenizer.bundled()
     elif args.tokenizer == "captions":
         tok = CLIPTokenizer.train(dataset.captions, args.tokenizer_vocab)
+    elif Path(args.tokenizer).is_dir():  # a saved tokenizer (a run's tokenizer/ or a model's), ids kept
+        given = Path(args.tokenizer)
+        tok = CLIPTokenizer.from_folder(given / "tokenizer" if (given / "tokenizer").is_dir() else given)
     else:
-        raise SDTorchError(f"--tokenizer must be 'clip' or 'captions', got {args.tokenizer!r}")
+        raise SDTorchError(f"--tokenizer must be 'clip', 'captions' or a tokenizer folder, got {args.tokenizer!r}")
     tok.save(folder)
     return tok
 
@@ -162,6 +166,8 @@ def train(args: TrainArgs) -> Path:
         text_encoder, frozen_text, tokenizer = None, pre[1]["text_encoder"].eval(), pre[2]
     model = Trainable(unet, text_encoder).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    if args.compile:
+        ddp = common.compiled(ddp)
     denoiser = denoiser_for(model.unet, config)
     ema = common.EMA(model, args.ema_decay)
     opt = common.adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
