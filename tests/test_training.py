@@ -273,3 +273,16 @@ def test_compile_without_a_compiler_is_a_clear_error(data, tmp_path, monkeypatch
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(SDTorchError, match="C\\+\\+ compiler"):
         common.compiled(torch.nn.Linear(2, 2))
+
+
+def test_logvar_init_starts_every_posterior_at_that_variance():
+    from sdtorch.training.autoencoder import _start_logvar_at
+
+    torch.manual_seed(0)
+    vae = sdtorch.build("tiny").vae
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert vae.encode(x).logvar.std() > 0.01  # the default init: it varies with the input
+    _start_logvar_at(vae, -6.0)
+    post = vae.encode(x)
+    torch.testing.assert_close(post.logvar, torch.full_like(post.logvar, -6.0))
+    assert post.mean.std() > 0.01, "the means are untouched"
