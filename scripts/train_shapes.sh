@@ -23,7 +23,6 @@ UNET_STEPS=${UNET_STEPS:-8000}
 DECODER_STEPS=${DECODER_STEPS:-1000}
 VAE_BF16=${VAE_BF16---bf16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second); VAE_BF16= for fp32
 DECODER_BF16=${DECODER_BF16:-$VAE_BF16}  # the same for the decoder fine-tune (defaults to VAE_BF16)
-UNET_COMPILE=${UNET_COMPILE---compile}  # torch.compile the UNet stage (0.82x the step; needs g++); UNET_COMPILE= for eager
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
 TOKENIZER=${TOKENIZER:-captions}  # or a tokenizer folder (a model's), e.g. v7's: TOKENIZER=src/sdtorch/data/shapes-model
 MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes the model (the package's folder)
@@ -40,7 +39,7 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 
 # 3. the UNet and a text encoder from scratch, on cached latents, with a BPE trained on the captions
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
-  --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer "$TOKENIZER" --resolution 64 --cache-latents $UNET_COMPILE \
+  --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer "$TOKENIZER" --resolution 64 --cache-latents \
   --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 --bf16 \
   --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume \
   --sample-prompts "a large red circle in the top left on a white background" \

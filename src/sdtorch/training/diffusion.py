@@ -53,7 +53,7 @@ class TrainArgs:
     min_snr_gamma: float | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the training forward and backward (needs a C++ compiler)
+    compile: bool = False  # torch.compile the training forward and backward (fp32 only; needs a C++ compiler)
     cache_latents: bool = False  # encode every image once to disk (needs center crop, no flips)
     val_size: int = 16
     seed: int = 0
@@ -87,20 +87,30 @@ def model_config(args: TrainArgs, vae_config, vocab_size: int) -> ModelConfig:
                        sample_size=args.resolution, family="sd2" if text.activation == "gelu" else "sd1")
 
 
+def tokenizer_source(spec: str) -> str | Path:
+    """--tokenizer: "clip", "captions", or the folder of a saved tokenizer (a run's or a model's folder is
+    looked into for tokenizer/); checked when training starts, before any encoding."""
+    if spec in ("clip", "captions"):
+        return spec
+    folder = Path(spec) / "tokenizer" if (Path(spec) / "tokenizer").is_dir() else Path(spec)
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+        return folder
+    raise SDTorchError(f"--tokenizer must be 'clip', 'captions' or a tokenizer folder (vocab.json and merges.txt, "
+                       f"or tokenizer.json), got {spec!r}")
+
+
 def make_tokenizer(args: TrainArgs, dataset, out: Path) -> CLIPTokenizer:
     """CLIP's BPE, or one trained on the captions; either is saved in the run so a resume reuses it."""
     folder = out / "tokenizer"
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_folder(folder)
-    if args.tokenizer == "clip":
+    source = tokenizer_source(args.tokenizer)
+    if source == "clip":
         tok = CLIPTokenizer.bundled()
-    elif args.tokenizer == "captions":
+    elif source == "captions":
         tok = CLIPTokenizer.train(dataset.captions, args.tokenizer_vocab)
-    elif Path(args.tokenizer).is_dir():  # a saved tokenizer (a run's tokenizer/ or a model's), ids kept
-        given = Path(args.tokenizer)
-        tok = CLIPTokenizer.from_folder(given / "tokenizer" if (given / "tokenizer").is_dir() else given)
-    else:
-        raise SDTorchError(f"--tokenizer must be 'clip', 'captions' or a tokenizer folder, got {args.tokenizer!r}")
+    else:  # a saved tokenizer, its ids kept
+        tok = CLIPTokenizer.from_folder(source)
     tok.save(folder)
     return tok
 
@@ -126,6 +136,12 @@ def prepare_batch(batch, epoch: int, args: TrainArgs, vae, scale: float, T: int,
 
 
 def train(args: TrainArgs) -> Path:
+    tokenizer_source(args.tokenizer)  # bad options fail here, not after the latent cache
+    if args.compile and args.bf16:
+        raise SDTorchError("--compile with --bf16 is refused: with PyTorch's CPU compiler the bf16 autocast "
+                           "backward came out wrong (the text encoder got no gradients); use one or the other")
+    if args.compile:
+        common.require_compiler()
     dist = common.init_distributed()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
