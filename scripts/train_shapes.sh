@@ -14,6 +14,7 @@
 # v7's caption BPE came from HF's trainer, which numbers tokens in hash-map order (new in each process);
 # sdtorch's own trainer is deterministic, so a rerun gets other token ids, and so another model: run so
 # (v7b), this script gave 96.7 / 77.5 / 90.0% at guidance 3, held-out 12.5 points under the target.
+# TOKENIZER=src/sdtorch/data/shapes-model trains with v7's ids (not run to check it gives v7's bytes).
 # MODEL_OUT=DIR writes stage 4's model there instead of into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
