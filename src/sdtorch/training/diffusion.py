@@ -100,7 +100,7 @@ def tokenizer_source(spec: str) -> str | Path:
 
 
 def make_tokenizer(args: TrainArgs, dataset, out: Path) -> CLIPTokenizer:
-    """CLIP's BPE, or one trained on the captions; either is saved in the run so a resume reuses it."""
+    """CLIP's BPE, one trained on the captions, or a saved one; it is saved in the run so a resume reuses it."""
     folder = out / "tokenizer"
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_folder(folder)
