@@ -89,6 +89,9 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(data, tmp_path):
     assert tuned.config.scaling_factor == base.config.scaling_factor  # not measured again: the latents are the same
     r = cli("train-vae", root, tmp_path / "bad", "--decoder-only", "--max-steps", "1", "--no-progress")
     assert r.returncode != 0 and "give it with --init" in r.stderr and not (tmp_path / "bad").exists()
+    r = cli("train-vae", root, tmp_path / "bad", "--init", vae_dir, "--logvar-init", "-6", "--max-steps", "1",
+            "--no-progress")
+    assert r.returncode != 0 and "--logvar-init" in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_resume_after_sigkill_is_exact(data, tmp_path):

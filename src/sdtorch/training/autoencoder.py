@@ -89,6 +89,9 @@ def _start_logvar_at(vae: AutoencoderKL, value: float) -> None:
 def train(args: VAETrainArgs) -> Path:
     if args.decoder_only and not args.init:
         raise SDTorchError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
+    if args.init and args.logvar_init is not None:
+        raise SDTorchError("--logvar-init sets a new autoencoder's starting posterior; with --init the trained "
+                           "one is kept, so leave out one of them")
     dist = common.init_distributed()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
