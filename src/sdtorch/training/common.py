@@ -172,7 +172,8 @@ def compiled(module: nn.Module) -> nn.Module:
     autocast its backward was wrong with PyTorch 2.13 on the CPU: on the shapes UNet + text encoder the
     text encoder got zero gradients and 342 of 378 gradient tensors differed from eager by over 5% (relative
     norm), and a full shapes run trained so (8,000 steps) ignored its prompts (0% exact match); so
-    `sdtorch train` refuses --compile with --bf16. It needs a C++ compiler."""
+    `sdtorch train` refuses --compile with --bf16 (scripts/compile_grad_check.py tells whether a PyTorch
+    still gets it wrong). It needs a C++ compiler."""
     require_compiler()
     return torch.compile(module)
 
