@@ -99,16 +99,16 @@ def tokenizer_source(spec: str) -> str | Path:
                        f"or tokenizer.json), got {spec!r}")
 
 
-def make_tokenizer(args: TrainArgs, dataset, out: Path) -> CLIPTokenizer:
-    """CLIP's BPE, one trained on the captions, or a saved one; it is saved in the run so a resume reuses it."""
+def make_tokenizer(source: str | Path, vocab_size: int, dataset, out: Path) -> CLIPTokenizer:
+    """CLIP's BPE, one trained on the captions, or a saved one (`source`, from `tokenizer_source`); it is
+    saved in the run so a resume reuses it."""
     folder = out / "tokenizer"
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_folder(folder)
-    source = tokenizer_source(args.tokenizer)
     if source == "clip":
         tok = CLIPTokenizer.bundled()
     elif source == "captions":
-        tok = CLIPTokenizer.train(dataset.captions, args.tokenizer_vocab)
+        tok = CLIPTokenizer.train(dataset.captions, vocab_size)
     else:  # a saved tokenizer, its ids kept
         tok = CLIPTokenizer.from_folder(source)
     tok.save(folder)
@@ -136,7 +136,7 @@ def prepare_batch(batch, epoch: int, args: TrainArgs, vae, scale: float, T: int,
 
 
 def train(args: TrainArgs) -> Path:
-    tokenizer_source(args.tokenizer)  # bad options fail here, not after the latent cache
+    tok_source = tokenizer_source(args.tokenizer)  # bad options fail here, not after the latent cache
     if args.compile and args.bf16:
         raise SDTorchError("--compile with --bf16 is refused: with PyTorch's CPU compiler the bf16 autocast "
                            "backward came out wrong (the text encoder got no gradients); use one or the other")
@@ -164,7 +164,7 @@ def train(args: TrainArgs) -> Path:
         source = LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
                              progress=False)
     if dist.main:
-        tokenizer = make_tokenizer(args, dataset, out)
+        tokenizer = make_tokenizer(tok_source, args.tokenizer_vocab, dataset, out)
     if dist.world > 1:
         torch.distributed.barrier()  # rank 0 has written the tokenizer
         tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
