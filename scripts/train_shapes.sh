@@ -28,6 +28,7 @@ DECODER_STEPS=${DECODER_STEPS:-1000}
 VAE_BF16=${VAE_BF16---bf16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second); VAE_BF16= for fp32
 DECODER_BF16=${DECODER_BF16:-$VAE_BF16}  # the same for the decoder fine-tune (defaults to VAE_BF16)
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
+MAX_LENGTH=${MAX_LENGTH:-}  # token positions per caption (train --max-length); empty: the tokenizer's 77
 TOKENIZER=${TOKENIZER:-src/sdtorch/data/shapes-model}  # the shipped model's tokenizer (its ids); or captions, or another folder
 MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes the model (the package's folder)
 
@@ -45,7 +46,7 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
   --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer "$TOKENIZER" --resolution 64 --cache-latents \
   --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 --bf16 \
-  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume \
+  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume ${MAX_LENGTH:+--max-length "$MAX_LENGTH"} \
   --sample-prompts "a large red circle in the top left on a white background" \
   "a small blue square in the center on a black background" \
   "a large green triangle in the bottom right on a gray background"

@@ -207,6 +207,28 @@ def test_train_takes_a_tokenizer_folder(data, tmp_path):
     assert not (tmp_path / "bad").exists(), "checked before anything is written"
 
 
+def test_max_length_is_saved_with_the_model(data, tmp_path):
+    """--max-length N: captions padded to N positions in training, the text encoder built with N positions,
+    and the saved model pads prompts to N too. A caption longer than N, or a resume with another N, is a
+    clear error before anything is encoded."""
+    out = tmp_path / "run"
+    r = cli(*train_cmd(data, out, "--max-steps", "1", "--tokenizer", "captions", "--max-length", "10"))
+    assert r.returncode == 0, r.stderr
+    model = sdtorch.load(out / "model")
+    assert model.tokenizer.max_length == 10 and model.config.text.max_positions == 10
+    assert model.text_encoder.embeddings.position_embedding.weight.shape[0] == 10
+    assert model.tokenizer(["a red disc on the left"]).shape == (1, 10)
+    images = model.txt2img("a red disc on the left, " * 3, steps=2, seed=0)  # longer: cut or chunked, no error
+    assert images[0].size == (32, 32)
+    r = cli(*train_cmd(data, out, "--max-steps", "2", "--tokenizer", "captions", "--max-length", "12", "--resume"))
+    assert r.returncode == 2 and "--max-length 12 differs" in r.stderr, r.stderr
+    short = tmp_path / "short"  # "a red disc on the left" is 6 tokens, 8 with start and end
+    r = cli(*train_cmd(data, short, "--max-steps", "1", "--tokenizer", "captions", "--max-length", "7",
+                       "--cache-latents"))
+    assert r.returncode == 2 and "longest caption is 8 tokens" in r.stderr, r.stderr
+    assert not (short / "latent-cache").exists() and not (short / "tokenizer").exists()
+
+
 def test_schedule_ema_and_sample_seeds():
     f = common.warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == pytest.approx(0.0)

@@ -37,6 +37,10 @@ class TrainArgs:
     text_encoder: str = "scratch"  # "scratch" (trained jointly, as LDM) or a model to take a frozen one from
     tokenizer: str = "clip"  # "clip" (bundled BPE), "captions" (a BPE trained on the captions) or a folder
     tokenizer_vocab: int = 1024
+    # token positions per caption, start and end tokens included (default: the tokenizer's, 77 for CLIP's).
+    # The text encoder and every cross-attention run over all of them, so fewer make each step cheaper;
+    # saved in the tokenizer and the text encoder's position table, so inference pads to it too
+    max_length: int | None = None
     prediction_type: str | None = None  # "epsilon" or "v_prediction"; default: the config's
     resolution: int = 64
     center_crop: bool = True
@@ -80,9 +84,10 @@ class Trainable(nn.Module):
         return denoiser.loss(latents, noise, t, min_snr_gamma, context=context)
 
 
-def model_config(args: TrainArgs, vae_config, vocab_size: int) -> ModelConfig:
+def model_config(args: TrainArgs, vae_config, tokenizer: CLIPTokenizer) -> ModelConfig:
+    """The --config preset with the tokenizer's vocabulary and length (the text encoder's position table)."""
     cfg = common.load_config(args.config)
-    text = dataclasses.replace(cfg.text, vocab_size=vocab_size)
+    text = dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size, max_positions=tokenizer.max_length)
     return cfg.replace(vae=vae_config, text=text, prediction_type=args.prediction_type or cfg.prediction_type,
                        sample_size=args.resolution, family="sd2" if text.activation == "gelu" else "sd1")
 
@@ -99,18 +104,30 @@ def tokenizer_source(spec: str) -> str | Path:
                        f"or tokenizer.json), got {spec!r}")
 
 
-def make_tokenizer(source: str | Path, vocab_size: int, dataset, out: Path) -> CLIPTokenizer:
+def make_tokenizer(source: str | Path, vocab_size: int, dataset, out: Path,
+                   max_length: int | None = None) -> CLIPTokenizer:
     """CLIP's BPE, one trained on the captions, or a saved one (`source`, from `tokenizer_source`); it is
-    saved in the run so a resume reuses it."""
+    saved in the run so a resume reuses it. `max_length` (positions per caption, start and end included)
+    replaces the tokenizer's; every caption must then fit in it, since a cut caption would lose words."""
     folder = out / "tokenizer"
     if (folder / "vocab.json").is_file():
-        return CLIPTokenizer.from_folder(folder)
+        tok = CLIPTokenizer.from_folder(folder)
+        if max_length is not None and tok.max_length != max_length:
+            raise SDTorchError(f"--max-length {max_length} differs from the run's tokenizer ({tok.max_length} "
+                               f"positions, in {folder}); resume with the same value")
+        return tok
     if source == "clip":
         tok = CLIPTokenizer.bundled()
     elif source == "captions":
         tok = CLIPTokenizer.train(dataset.captions, vocab_size)
     else:  # a saved tokenizer, its ids kept
         tok = CLIPTokenizer.from_folder(source)
+    if max_length is not None:
+        tok = CLIPTokenizer(tok.vocab, tok.merges, pad_token=tok.pad_token, max_length=max_length)
+        longest = max((len(tok.encode(c)) + 2 for c in dataset.captions), default=0)
+        if longest > max_length:
+            raise SDTorchError(f"the longest caption is {longest} tokens with start and end, more than "
+                               f"--max-length {max_length}: it would be cut")
     tok.save(folder)
     return tok
 
@@ -137,6 +154,11 @@ def prepare_batch(batch, epoch: int, args: TrainArgs, vae, scale: float, T: int,
 
 def train(args: TrainArgs) -> Path:
     tok_source = tokenizer_source(args.tokenizer)  # bad options fail here, not after the latent cache
+    if args.max_length is not None and args.max_length < 3:
+        raise SDTorchError(f"--max-length must be at least 3 (start, one token, end), got {args.max_length}")
+    if args.max_length is not None and args.text_encoder != "scratch":
+        raise SDTorchError("--max-length is for a text encoder trained from scratch; a pretrained one keeps "
+                           "its own tokenizer and positions")
     if args.compile and args.bf16:
         raise SDTorchError("--compile with --bf16 is refused: with PyTorch's CPU compiler the bf16 autocast "
                            "backward came out wrong (the text encoder got no gradients); use one or the other")
@@ -151,6 +173,11 @@ def train(args: TrainArgs) -> Path:
                                   random_flip=args.random_flip, seed=args.seed)
     val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
 
+    if dist.main:
+        tokenizer = make_tokenizer(tok_source, args.tokenizer_vocab, dataset, out, args.max_length)
+    if dist.world > 1:
+        torch.distributed.barrier()  # rank 0 has written the tokenizer
+        tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
     vae = checkpoints.load_vae(args.vae, dtype=torch.float32).eval().requires_grad_(False)
     source = dataset
     if args.cache_latents:
@@ -163,12 +190,7 @@ def train(args: TrainArgs) -> Path:
             torch.distributed.barrier()
         source = LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
                              progress=False)
-    if dist.main:
-        tokenizer = make_tokenizer(tok_source, args.tokenizer_vocab, dataset, out)
-    if dist.world > 1:
-        torch.distributed.barrier()  # rank 0 has written the tokenizer
-        tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
-    config = model_config(args, vae.config, tokenizer.vocab_size)
+    config = model_config(args, vae.config, tokenizer)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     unet = UNet(config.unet)
     unet.gradient_checkpointing = args.gradient_checkpointing
