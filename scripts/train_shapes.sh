@@ -27,6 +27,7 @@ UNET_STEPS=${UNET_STEPS:-8000}
 DECODER_STEPS=${DECODER_STEPS:-1000}
 VAE_BF16=${VAE_BF16---bf16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second); VAE_BF16= for fp32
 DECODER_BF16=${DECODER_BF16:-$VAE_BF16}  # the same for the decoder fine-tune (defaults to VAE_BF16)
+EDGE_WEIGHT=${EDGE_WEIGHT:-0}  # the decoder fine-tune's gradient difference loss weight (train-vae --edge-weight)
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
 MAX_LENGTH=${MAX_LENGTH:-}  # token positions per caption (train --max-length); empty: the tokenizer's 77
 TOKENIZER=${TOKENIZER:-src/sdtorch/data/shapes-model}  # the shipped model's tokenizer (its ids); or captions, or another folder
@@ -56,7 +57,7 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae-ft" \
   --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
   --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 --checkpoint-every 250 \
-  --seed 0 --resume
+  --edge-weight "$EDGE_WEIGHT" --seed 0 --resume
 
 # 4. ship it: the EMA weights and the fine-tuned decoder in fp16 inside the package, where
 #    sdtorch.load("shapes") finds it, with its defaults guidance 3 and 10 steps: the best of guidance

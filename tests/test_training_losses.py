@@ -19,6 +19,7 @@ from sdtorch.training.losses import (
     LPIPSConfig,
     PatchDiscriminator,
     adaptive_weight,
+    gradient_difference_loss,
     hinge_d_loss,
     hinge_g_loss,
     lpips_or_none,
@@ -115,6 +116,17 @@ def test_reconstruction_loss():
     assert reconstruction_loss(x, y, "l1", reduction="none").tolist() == [[1.0, 3.0]]
     with pytest.raises(ValueError, match="l2"):
         reconstruction_loss(x, y, "l2")
+
+
+def test_gradient_difference_loss_hand_computed():
+    """Mathieu et al. 2016, eq. 5 (alpha 1): | |dy| - |dx| |, averaged per direction, summed over the two."""
+    x = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # edge between columns 1 and 2
+    y = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])  # edge between columns 0 and 1
+    assert gradient_difference_loss(x, y).item() == 1.0  # horizontal |dx| [0, 1] vs [1, 0]; vertical 0
+    assert gradient_difference_loss(x, -x).item() == 0.0  # edge strength only, not its sign
+    blurred = torch.tensor([[0.0, 0.5, 1.0]])  # the same step smeared over two pixels
+    assert gradient_difference_loss(blurred, y[:1]).item() == 0.5  # a row alone: no vertical term
+    assert reconstruction_loss(blurred, y[:1]).item() == pytest.approx(1 / 6)
 
 
 # --- LPIPS ------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class VAETrainArgs:
     max_steps: int = 1000
     clip_grad: float = 1.0
     rec_loss: str = "l1"  # "l1" or "mse"
+    edge_weight: float = 0.0  # weight of the gradient difference loss (sharp outlines; losses.gradient_difference_loss)
     kl_weight: float = 1e-6
     lpips: str | None = None  # local LPIPS weights file; without it the perceptual loss is off
     lpips_weight: float = 1.0
@@ -89,6 +90,8 @@ def _start_logvar_at(vae: AutoencoderKL, value: float) -> None:
 def train(args: VAETrainArgs) -> Path:
     if args.decoder_only and not args.init:
         raise SDTorchError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
+    if args.edge_weight < 0:
+        raise SDTorchError(f"--edge-weight must be 0 or more, got {args.edge_weight}")
     if args.init and args.logvar_init is not None:
         raise SDTorchError("--logvar-init sets a new autoencoder's starting posterior; with --init the trained "
                            "one is kept, so leave out one of them")
@@ -142,6 +145,8 @@ def train(args: VAETrainArgs) -> Path:
         with common.autocast(args.bf16):
             rec, post = reconstruct(x, lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]))
             rec_loss = losses.reconstruction_loss(rec.float(), x, args.rec_loss)
+            if args.edge_weight:
+                rec_loss = rec_loss + args.edge_weight * losses.gradient_difference_loss(rec.float(), x)
             if perceptual is not None:
                 rec_loss = rec_loss + args.lpips_weight * perceptual(rec.float(), x).mean()
             kl = post.kl().mean()
