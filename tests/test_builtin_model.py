@@ -32,9 +32,9 @@ CASES = [("a large red square in the bottom right on a gray background", 0),
 @needs_model
 def test_builtin_generations_follow_their_prompts():
     model = sdtorch.load("shapes")
-    assert model.defaults == {"guidance": 3.0, "steps": 10}  # chosen on validation prompts (eval_shapes.sh)
+    assert model.defaults == {"guidance": 1.5, "steps": 10}  # chosen on validation prompts (eval_shapes.sh)
     for prompt, seed in CASES:
-        image = model.txt2img(prompt, seed=seed)[0]  # dpmpp_2m, 10 steps, guidance 3
+        image = model.txt2img(prompt, seed=seed)[0]  # dpmpp_2m, 10 steps, guidance 1.5
         result = analyse.grade(image, prompt)
         assert result["exact"], (prompt, seed, result)
 
@@ -66,7 +66,8 @@ def test_builtin_autoencoder_reproduces_its_world():
 @needs_model
 def test_shipped_architecture_is_the_shapes_preset():
     """scripts/train_shapes.sh trains `--config shapes`, so the preset must describe what ships; only the
-    values measured in training (the VAE's scaling factor, the caption tokenizer's vocabulary) differ."""
+    values measured in training (the VAE's scaling factor, the caption tokenizer's vocabulary) and the
+    token positions (`train --max-length 24`, saved in the tokenizer too) differ."""
     import dataclasses
 
     from sdtorch.config import SHAPES
@@ -74,7 +75,10 @@ def test_shipped_architecture_is_the_shapes_preset():
     c = sdtorch.load("shapes").config
     assert c.unet == SHAPES.unet
     assert dataclasses.replace(c.vae, scaling_factor=SHAPES.vae.scaling_factor) == SHAPES.vae
-    assert dataclasses.replace(c.text, vocab_size=SHAPES.text.vocab_size) == SHAPES.text
+    model = sdtorch.load("shapes")
+    assert c.text.max_positions == model.tokenizer.max_length == 24
+    assert dataclasses.replace(c.text, vocab_size=SHAPES.text.vocab_size, max_positions=SHAPES.text.max_positions) \
+        == SHAPES.text
     assert (c.prediction_type, c.beta_schedule, c.beta_start, c.beta_end) == \
         (SHAPES.prediction_type, SHAPES.beta_schedule, SHAPES.beta_start, SHAPES.beta_end)
 

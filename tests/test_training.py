@@ -78,7 +78,8 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(data, tmp_path):
     root, vae_dir = data
     base = checkpoints.load_vae(vae_dir, torch.float32)
     r = cli("train-vae", root, tmp_path / "ft", "--init", vae_dir, "--decoder-only", "--resolution", "32",
-            "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--disc-start", "100", "--no-progress")
+            "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--disc-start", "100", "--edge-weight", "1",
+            "--no-progress")
     assert r.returncode == 0, r.stderr
     tuned = checkpoints.load_vae(tmp_path / "ft" / "vae", torch.float32)
     old, new = base.state_dict(), tuned.state_dict()
@@ -87,11 +88,18 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(data, tmp_path):
     assert not torch.equal(old["decoder.conv_out.weight"], new["decoder.conv_out.weight"])
     assert not torch.equal(old["post_quant_conv.weight"], new["post_quant_conv.weight"])
     assert tuned.config.scaling_factor == base.config.scaling_factor  # not measured again: the latents are the same
+    r = cli("train-vae", root, tmp_path / "ft0", "--init", vae_dir, "--decoder-only", "--resolution", "32",
+            "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--disc-start", "100", "--no-progress")
+    assert r.returncode == 0, r.stderr  # the same run without the edge term trains another decoder
+    plain = checkpoints.load_vae(tmp_path / "ft0" / "vae", torch.float32).state_dict()
+    assert not torch.equal(plain["decoder.conv_out.weight"], new["decoder.conv_out.weight"])
     r = cli("train-vae", root, tmp_path / "bad", "--decoder-only", "--max-steps", "1", "--no-progress")
     assert r.returncode != 0 and "give it with --init" in r.stderr and not (tmp_path / "bad").exists()
     r = cli("train-vae", root, tmp_path / "bad", "--init", vae_dir, "--logvar-init", "-6", "--max-steps", "1",
             "--no-progress")
     assert r.returncode != 0 and "--logvar-init" in r.stderr and not (tmp_path / "bad").exists()
+    r = cli("train-vae", root, tmp_path / "bad", "--edge-weight", "-1", "--max-steps", "1", "--no-progress")
+    assert r.returncode == 2 and "--edge-weight must be 0 or more" in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_resume_after_sigkill_is_exact(data, tmp_path):
