@@ -4,7 +4,7 @@
 #   bash scripts/train_shapes.sh            # writes runs/shapes-*, then copies the model into the package
 #
 # The defaults are the recipe of the shipped model (v11): 69.2 min end to end, from an empty run folder,
-# on the 2026-11-27 machine (data 16 s, autoencoder in bf16 10.6 min, latent cache 2.0 min, UNet 51.1 min,
+# on the 2026-11-27 machine (data 14 s, autoencoder in bf16 11.0 min, latent cache 1.8 min, UNet 51.1 min,
 # decoder fine-tune and stage 4 5.1 min). Exact match at its swept defaults (dpmpp_2m, 10 steps, guidance
 # 1.5): 100 / 90.0 / 100%. What v11 changed from v7 (83.0 min on a faster machine, 106.9 min on a slower
 # one; 100 / 90.0 / 95.0%): captions padded to 24 token positions instead of 77 (MAX_LENGTH), the UNet
