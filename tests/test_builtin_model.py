@@ -72,10 +72,10 @@ def test_shipped_architecture_is_the_shapes_preset():
 
     from sdtorch.config import SHAPES
 
-    c = sdtorch.load("shapes").config
+    model = sdtorch.load("shapes")
+    c = model.config
     assert c.unet == SHAPES.unet
     assert dataclasses.replace(c.vae, scaling_factor=SHAPES.vae.scaling_factor) == SHAPES.vae
-    model = sdtorch.load("shapes")
     assert c.text.max_positions == model.tokenizer.max_length == 24
     assert dataclasses.replace(c.text, vocab_size=SHAPES.text.vocab_size, max_positions=SHAPES.text.max_positions) \
         == SHAPES.text

@@ -42,10 +42,8 @@ def gradient_difference_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     difference loss of Mathieu, Couprie & LeCun 2016 ("Deep multi-scale video prediction beyond mean
     square error", eq. 5, alpha = 1). A pixel loss can settle for an edge smeared over a few pixels; this
     term asks for the target's edge strength, so an object keeps its outline."""
-    def grad(t, dim):
-        return (t.narrow(dim, 1, t.shape[dim] - 1) - t.narrow(dim, 0, t.shape[dim] - 1)).abs()
-
-    return sum(((grad(x, d) - grad(y, d)).abs().mean() for d in (-1, -2) if x.shape[d] > 1), x.new_zeros(()))
+    return sum(((torch.diff(x, dim=d).abs() - torch.diff(y, dim=d).abs()).abs().mean() for d in (-1, -2)
+                if x.shape[d] > 1), x.new_zeros(()))
 
 
 # ---------------------------------------------------------------------------------------------------
