@@ -83,3 +83,13 @@ def seeded_inputs(in_channels: int, seed: int = 1):
     return dict(x=torch.randn(2, in_channels, 16, 16, generator=g), t=torch.tensor([3.0, 977.0]),
                 ctx=torch.randn(2, 77, 32, generator=g), image=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
                 latents=torch.randn(2, 4, 8, 8, generator=g), ids=torch.randint(0, 49408, (2, 77), generator=g))
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The real CLI, one forked process per call (see cli_harness.py)."""
+    from cli_harness import CLI
+
+    runner = CLI()
+    yield runner
+    runner.close()

@@ -62,9 +62,16 @@ def cmd_convert(args) -> None:
     print(f"wrote {dst}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends in the same one line as every other error (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sdtorch: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion in readable PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sdtorch", description="Stable Diffusion in readable PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="describe a checkpoint, diffusers folder or preset")
     p.add_argument("model", help=f"a .safetensors/.ckpt file, a diffusers folder, or a preset ({', '.join(PRESETS)})")
@@ -95,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SDTorchError as e:
+        print(f"sdtorch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the system refused (disk full, permissions): its message names the file
         print(f"sdtorch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
