@@ -256,8 +256,18 @@ def test_encode_pair_matches_chunk_counts():
             encode_pair(te, tok, ["a", "b", "c"], ["x", "y"])
 
 
+@functools.cache
+def biased_encoder() -> CLIPTextModel:
+    """A tiny encoder whose final LayerNorm has a bias, as every trained CLIP does: its states have a
+    mean well away from 0, so A1111's mean restoration is well-defined (see `apply_weights`)."""
+    te = CLIPTextModel(TINY.text).eval()
+    with torch.no_grad():
+        te.final_layer_norm.bias.copy_(torch.linspace(-0.5, 1.0, TINY.text.width))
+    return te
+
+
 def test_weights_scale_only_their_tokens_and_keep_the_mean():
-    tok, te = tokenizer(), encoder()
+    tok, te = tokenizer(), biased_encoder()
     with torch.no_grad():
         z = te(tok(["a red cat"]))[0]
         out = encode_prompt(te, tok, "a (red:1.5) cat")[0]
@@ -282,3 +292,40 @@ def test_apply_weights_is_per_row():
     assert out[1].mean().item() == pytest.approx(hidden[1].mean().item(), rel=1e-5)
     ratio = out[1] / hidden[1]
     assert torch.allclose(ratio[5:9], ratio[0, 0] * 0.5) and torch.allclose(ratio[9:], ratio[0, 0])
+
+
+def test_mean_restoration_where_the_mean_is_zero():
+    """A freshly initialised encoder (final LayerNorm bias 0) gives each token a mean of 0 up to rounding,
+    so A1111's mean(z) / mean(z * w) is noise over noise (inf or NaN on some machines). Such rows keep the
+    weighted states unrestored; the result is finite and exactly z * w."""
+    g = torch.Generator().manual_seed(0)
+    half = torch.randn(2, 77, 4, generator=g)
+    exact_zero = torch.cat([half, -half], dim=2)  # every token's mean is exactly 0: old code gave 0/0
+    normed = torch.nn.functional.layer_norm(torch.randn(2, 77, 8, generator=g) * 3 + 1, (8,))
+    weights = torch.ones(2, 77)
+    weights[:, 3:6] = 1.4
+    for hidden in (exact_zero, normed):
+        out = apply_weights(hidden, weights)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, hidden * weights[..., None])
+
+    tok, te = tokenizer(), encoder()  # fresh: zero LayerNorm bias
+    with torch.no_grad():
+        z = te(tok(["a red cat"]))[0]
+        out = encode_prompt(te, tok, "a (red:1.5) cat")[0]
+    w = torch.ones(77)
+    w[2] = 1.5
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, z * w[:, None])
+
+
+def test_mean_restoration_keeps_a1111s_result_where_defined():
+    """Bit for bit A1111's formula, in float32 as A1111 computes it, for states with a clear mean."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 77, 16, generator=g) + torch.tensor([0.3, -0.2])[:, None, None]
+    weights = torch.ones(2, 77)
+    weights[0, 4:7] = 1.3
+    weights[1, 10:12] = 0.7
+    z = hidden * weights[..., None]
+    expected = z * (hidden.mean((1, 2), keepdim=True) / z.mean((1, 2), keepdim=True))
+    assert torch.equal(apply_weights(hidden, weights), expected)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,25 +134,58 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
     assert losses(whole) == losses(cut)
 
 
-def test_two_processes_match_one_with_twice_the_batch(data, tmp_path):
-    """torchrun: 2 gloo processes x batch 2 against 1 process x batch 4. Per-sample randomness makes the
-    inputs identical; only the order of floating-point sums differs (tolerance 1e-5 relative)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    base = train_cmd(data, one, "--max-steps", "4", "--checkpoint-every", "100")
-    assert cli(*base).returncode == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdtorch.cli",
-           *map(str, train_cmd(data, two, "--max-steps", "4", "--checkpoint-every", "100"))]
+def _torchrun(data, out, *, fault: bool = False):
+    """2 gloo processes x batch 2; `fault` drops rank 1's gradients in the all-reduce (tests/ddp_fault.py)."""
+    entry = [str(Path(__file__).with_name("ddp_fault.py"))] if fault else ["-m", "sdtorch.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry,
+           *map(str, train_cmd(data, out, "--max-steps", "4", "--checkpoint-every", "100"))]
     cmd[cmd.index("--batch-size") + 1] = "2"
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _ddp_divergence(one, two) -> float:
+    """RMS over every weight of the difference between two runs, in units of the sum of the learning
+    rates the runs stepped with.
+
+    Why this measure, and why 0.01 bounds it. The two runs feed identical samples, so they differ only in
+    float32 rounding: forward passes at batch 2 against batch 4 (other kernel blocking) and the order in
+    which per-sample gradients are summed. AdamW moves each weight by about lr per step at most (Kingma and
+    Ba 2015, sec. 2.1), whatever the gradient's size, so one weight moves at most about sum(lr). Where a
+    weight's gradient stands well above its rounding error, the two runs' steps agree to float32 precision
+    (about 1e-6 of sum(lr)). Where a gradient is itself at the rounding level, Adam's normalisation turns the
+    noise into a full step of either sign, and that weight may differ by up to 2 * sum(lr) (seen: 2.4e-6 on
+    one element against 4e-4, on another machine). An element-wise bound therefore cannot be tight and
+    honest at once; the RMS over all n weights is: k such weights give at most 2 * sqrt(k / n) * sum(lr),
+    so 0.01 allows k = n / 40,000 (65 of the 2.6 M weights here) and needs no luck. Measured: 1e-5 for a
+    correct run; 0.37 with rank 1's gradients dropped, when most weights take a different step.
+    """
+    read = lambda out: [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # noqa
+    lr_sum = sum(r["lr"] for r in read(one))
+    a, b = final_state(one)["model"], final_state(two)["model"]
+    assert a.keys() == b.keys()
+    sq = sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a)
+    n = sum(v.numel() for v in a.values())
+    return math.sqrt(sq / n) / lr_sum
+
+
+def test_two_processes_match_one_with_twice_the_batch(data, tmp_path):
+    """torchrun: 2 gloo processes x batch 2 against 1 process x batch 4. Per-sample randomness makes the
+    inputs identical; only float32 rounding differs (see `_ddp_divergence`), and dropping one rank's
+    gradients is caught."""
+    one, two, broken = tmp_path / "one", tmp_path / "two", tmp_path / "broken"
+    assert cli(*train_cmd(data, one, "--max-steps", "4", "--checkpoint-every", "100")).returncode == 0
+    _torchrun(data, two)
     read = lambda out: [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # noqa
     la, lb = read(one), read(two)
     assert [x["step"] for x in la] == [x["step"] for x in lb] == [1, 2, 3, 4]
     for x, y in zip(la, lb):
+        # A per-sample loss is a float32 forward pass some 60 ops deep, rounded differently at batch 2 and
+        # batch 4: about 60 * 1.2e-7 = 7e-6 relative at most, so 1e-5 (seen: 6e-8).
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
-    a, b = final_state(one), final_state(two)
-    for k in a["model"]:
-        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
+    assert _ddp_divergence(one, two) < 0.01
+    _torchrun(data, broken, fault=True)
+    assert _ddp_divergence(one, broken) > 0.01, "the comparison cannot see a rank's gradients dropped"
 
 
 @pytest.mark.parametrize("cls", [EpsDenoiser, VDenoiser])

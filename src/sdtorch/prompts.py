@@ -11,6 +11,7 @@ textual-inversion embeddings, and the "No norm" emphasis mode. Such text is read
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -168,10 +169,24 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     hidden: [N, T, C], weights: [N, T]. A1111 takes the means over the whole batch of a chunk index;
     here each row (one chunk of one prompt) keeps its own mean, so prompts do not affect each other.
     Rows whose weights are all 1 are returned untouched.
+
+    The ratio of means is only meaningful where both means stand out from their rounding error. The
+    states carry a relative rounding error of up to eps(dtype) each, and a float32 pairwise sum adds at
+    most log2(T * C) * eps(float32) (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed.,
+    sec. 4.2), both relative to mean(|z|). A mean within that bound could be 0 or of either sign: a text
+    encoder whose final LayerNorm has zero bias (any freshly initialised one) gives every token a mean of
+    exactly 0, and A1111's ratio is then rounding noise over rounding noise, inf or NaN. Such a row keeps
+    the weighted states unrestored (factor 1); every other row gets A1111's result.
     """
     z = hidden.float()
     weighted = z * weights.to(z)[..., None]
-    restored = weighted * (z.mean((1, 2), keepdim=True) / weighted.mean((1, 2), keepdim=True))
+    _, T, C = z.shape
+    tol = torch.finfo(hidden.dtype).eps + math.ceil(math.log2(T * C)) * torch.finfo(torch.float32).eps
+    mean_z, mean_w = z.mean((1, 2), keepdim=True), weighted.mean((1, 2), keepdim=True)
+    defined = ((mean_z.abs() > tol * z.abs().mean((1, 2), keepdim=True))
+               & (mean_w.abs() > tol * weighted.abs().mean((1, 2), keepdim=True)))
+    factor = torch.where(defined, mean_z / torch.where(defined, mean_w, 1.0), 1.0)
+    restored = weighted * factor
     plain = (weights == 1).all(dim=1)[:, None, None]
     return torch.where(plain, hidden, restored.to(hidden.dtype))
 
