@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the built-in "shapes" model from scratch with sdtorch's own commands, on this 2-core CPU.
-# Every stage resumes (--resume) if the script is run again after an interruption.
+# Every stage resumes (--resume-or-start) if the script is run again after an interruption.
 #   bash scripts/train_shapes.sh            # writes runs/shapes-*, then copies the model into the package
 #
 # The defaults are the recipe of the shipped model (v11): 69.2 min end to end, from an empty run folder,
@@ -38,14 +38,14 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 #    preset); L1 + KL, no adversarial loss; scaling factor measured
 [ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae" \
   --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
-  --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume \
+  --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start \
   ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
 
 # 3. the UNet and a text encoder from scratch, on cached latents, with a BPE trained on the captions
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
   --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer "$TOKENIZER" --resolution 64 --cache-latents \
   --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 --bf16 \
-  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume ${MAX_LENGTH:+--max-length "$MAX_LENGTH"} \
+  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume-or-start ${MAX_LENGTH:+--max-length "$MAX_LENGTH"} \
   --sample-prompts "a large red circle in the top left on a white background" \
   "a small blue square in the center on a black background" \
   "a large green triangle in the bottom right on a gray background"
@@ -56,7 +56,7 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae-ft" \
   --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
   --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 --checkpoint-every 250 \
-  --edge-weight "$EDGE_WEIGHT" --seed 0 --resume
+  --edge-weight "$EDGE_WEIGHT" --seed 0 --resume-or-start
 
 # 4. ship it: the EMA weights and the fine-tuned decoder in fp16 inside the package, where
 #    sdtorch.load("shapes") finds it, with its defaults guidance 1.5 and 10 steps: the best overall exact

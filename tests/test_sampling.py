@@ -3,7 +3,7 @@
 Both sides get the same network (a tiny random sdtorch UNet, or a smooth fixed function), the same
 initial noise and the same injected noise (diffusers draws from a torch.Generator, sdtorch from an
 identically seeded one; DPMSolverSDE's Brownian tree is shared by constructing the same one), and
-must end on the same latents to 1e-4.
+must end on the same latents up to float32 rounding (`parity_tol`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (1, 4, 8, 8)
-TOL = 1e-4
+EPS32 = torch.finfo(torch.float32).eps
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
 
@@ -102,6 +102,16 @@ def max_err(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def parity_tol(ref: torch.Tensor, steps: int) -> float:
+    """How far two float32 loops of the same method can end apart: each step rounds a handful of ops on
+    latents as large as max|x| (the tiny random UNet drives them to ~50), ordered differently on the two
+    sides (diffusers divides by sqrt(sigma^2 + 1) and forms (x - x0) / sigma, sdtorch goes through
+    c_skip/c_out), so a step can move them apart by about 2 eps * max|x|, and the steps add up. Measured
+    over every case here (AVX-512, AVX2 and SSE kernels): 0.1 to 0.4 of this bound; a wrong sampler or
+    setting misses by 1e-3 to 10 (test_wrong_*)."""
+    return 2 * EPS32 * steps * ref.abs().max().item()
+
+
 # ------------------------------------------------------------------------------------------------
 # Parity with diffusers: (sdtorch sampler, diffusers scheduler, its extra config, sampler opts = step kwargs)
 
@@ -134,8 +144,8 @@ def assert_parity(case, model, steps, spacing="leading", karras=False, v=False, 
     ref = run_diffusers(scheduler(cls_name, v=v, spacing=spacing, karras=karras, **config), model, steps, **opts)
     ours = run_sdtorch(name, model, steps, v=v, karras=karras, spacing=spacing, quantize=quantize, **opts, **kw)
     assert torch.isfinite(ours).all()
-    err = max_err(ours, ref)
-    assert err < TOL, f"{case} ({spacing}, karras={karras}, v={v}): max abs error {err:.2e}"
+    err, tol = max_err(ours, ref), parity_tol(ref, steps)
+    assert err < tol, f"{case} ({spacing}, karras={karras}, v={v}): max abs error {err:.2e} > {tol:.2e}"
     return err
 
 
@@ -179,7 +189,8 @@ def test_parity_fractional_timesteps(unet, case):
     _needs(case)
     name, cls_name, config, opts = CASES[case]
     ref = run_diffusers(scheduler(cls_name, spacing="linspace", **config), unet, 20, **opts)
-    assert max_err(run_sdtorch(name, unet, 20, spacing="linspace", **opts), ref) < 5 * TOL
+    # A modelling difference, not rounding: measured 7e-5 to 9.5e-5 on every kernel path.
+    assert max_err(run_sdtorch(name, unet, 20, spacing="linspace", **opts), ref) < 5e-4
 
 
 @pytest.mark.skipif(not HAS_TORCHSDE, reason="diffusers' DPMSolverSDEScheduler needs torchsde")
@@ -193,7 +204,7 @@ def test_parity_dpmpp_sde(unet, karras, spacing):
     sigmas = get_sigmas(TINY, 10, "dpmpp_sde", karras=karras, spacing=spacing)
     tree = BrownianTreeNoiseSampler(initial_noise(), sigmas[sigmas > 0].min().item(), sigmas.max().item(), 3)
     ours = run_sdtorch("dpmpp_sde", unet, 10, karras=karras, spacing=spacing, noise=tree)
-    assert max_err(ours, ref) < TOL
+    assert max_err(ours, ref) < parity_tol(ref, 10)
 
 
 def test_parity_guided_loop(unet):
@@ -210,7 +221,7 @@ def test_parity_guided_loop(unet):
     sigmas = get_sigmas(TINY, 8, "euler")
     x = initial_noise() * init_noise_sigma(sigmas, "euler")
     ours = SAMPLERS["euler"](denoiser, x, sigmas, extra_args={"context": cond, "uncond": uncond})
-    assert max_err(ours, ref) < TOL
+    assert max_err(ours, ref) < parity_tol(ref, 8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,9 +295,11 @@ def test_cfg_is_one_batched_call(unet):
     sigma = torch.tensor([3.0, 0.5])
     guided = CFGDenoiser(den, scale=6.0)(x, sigma, context=cond, uncond=uncond)
     assert calls == [4]
-    d_c, d_u = den(x, sigma, context=cond), den(x, sigma, context=uncond)
-    # Batch size changes the float rounding inside the network (~1e-6), which the scale amplifies.
-    assert max_err(guided, d_u + 6.0 * (d_c - d_u)) < 1e-4
+    # The same batch of 4 as CFG, so the same kernels: exact. (Separate batches of 2 would round
+    # differently inside the network, by an amount that depends on the CPU's kernels.)
+    d_u, d_c = den(torch.cat([x, x]), torch.cat([sigma, sigma]), context=torch.cat([uncond, cond])).chunk(2)
+    assert torch.equal(guided, d_u + 6.0 * (d_c - d_u))
+    d_c = den(x, sigma, context=cond)
     calls.clear()
     assert torch.equal(CFGDenoiser(den, scale=1.0)(x, sigma, context=cond, uncond=uncond), d_c)
     assert calls == [2]  # scale 1: the conditional pass alone
@@ -312,7 +325,9 @@ def test_cfg_rescale_applies_to_guided_output(unet):
     x, ctx = initial_noise(), torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(5))
     plain = CFGDenoiser(den, scale=7.0)(x, 2.0, context=ctx, uncond=ctx * 0)
     rescaled = CFGDenoiser(den, scale=7.0, rescale=0.5)(x, 2.0, context=ctx, uncond=ctx * 0)
-    assert max_err(rescaled, rescale_guidance(plain, den(x, 2.0, context=ctx), 0.5)) < 1e-5
+    sigma = torch.tensor([2.0, 2.0])  # the conditional estimate from CFG's own batch of 2: exact
+    d_cond = den(torch.cat([x, x]), sigma, context=torch.cat([ctx * 0, ctx]))[1:]
+    assert torch.equal(rescaled, rescale_guidance(plain, d_cond, 0.5))
 
 
 @pytest.mark.parametrize("v", [False, True])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import PRESETS
 from .errors import SDTorchError
+from .fileio import shown
 
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
@@ -40,26 +41,45 @@ def cmd_convert(args) -> None:
     from . import checkpoints
     from .pipeline import GENERATION_DEFAULTS, check_defaults
 
-    dst = Path(args.output)
-    if not dst.parent.is_dir():
-        raise SDTorchError(f"{dst}: folder {dst.parent} does not exist")
-    if dst.suffix not in ("", ".safetensors"):
-        raise SDTorchError(f"{dst}: write a .safetensors file or a folder (pickles like {dst.suffix} are unsafe)")
+    dst = _convert_destination(args.output)
     defaults = {k: getattr(args, f"default_{k}") for k in GENERATION_DEFAULTS
                 if getattr(args, f"default_{k}") is not None}
-    if defaults and dst.suffix == ".safetensors":
-        raise SDTorchError(f"{dst}: generation defaults are kept in diffusers folders only; write a folder")
+    if defaults and dst.suffix.lower() == ".safetensors":
+        raise SDTorchError(f"{shown(dst)}: generation defaults are kept in diffusers folders only; write a folder")
     model = _load(args)
     if model.report is None:
         raise SDTorchError(f"{args.model}: a preset has no weights to convert; give a checkpoint")
     model.defaults = check_defaults({**model.defaults, **defaults}, "convert")
     if args.vae is not None:
         model.use_vae(checkpoints.load_vae(args.vae))
-    if dst.suffix == ".safetensors":
+    if dst.suffix.lower() == ".safetensors":
         model.save_single_file(dst, dtype=args.save_dtype)
     else:
         model.save_diffusers(dst, dtype=args.save_dtype)
     print(f"wrote {dst}")
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def _convert_destination(output: str) -> Path:
+    """`convert`'s destination, checked before the model loads: NAME.safetensors (a file there is replaced)
+    or a folder (an existing one is replaced whole only when it is empty or a diffusers model folder)."""
+    from .checkpoints import check_model_destination
+    from .fileio import check_file_destination
+
+    dst = Path(output)
+    suffix = dst.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise SDTorchError(f"{shown(dst)}: write a .safetensors file or a folder (pickles like {suffix} are unsafe)")
+    if suffix == ".safetensors":
+        return check_file_destination(dst)
+    if suffix:
+        raise SDTorchError(f"{shown(dst)}: unknown extension {suffix!r}; write NAME.safetensors or a folder name "
+                           "without an extension")
+    if dst.is_file():
+        raise SDTorchError(f"{shown(dst)}: exists and is a file; give NAME.safetensors or a folder name")
+    return check_model_destination(dst)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert between original single files and diffusers folders")
     p.add_argument("model", help="source: a .safetensors/.ckpt file or a diffusers folder")
-    p.add_argument("output", help="destination: NAME.safetensors (original layout) or a folder (diffusers layout)")
+    p.add_argument("output", help="destination: NAME.safetensors (original layout; a file there is replaced) or a "
+                   "folder (diffusers layout; an existing folder is replaced whole, and only if it is empty or a "
+                   "diffusers model folder with model_index.json). Nothing is written unless it is complete")
     p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
     p.add_argument("--default-steps", type=int, help="the folder's recommended steps (generation_defaults.json)")
     p.add_argument("--default-guidance", type=float, help="the folder's recommended guidance scale")

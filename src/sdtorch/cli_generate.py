@@ -1,158 +1,216 @@
-"""`sdtorch generate | img2img | inpaint | replay | samplers`: PNG files with A1111's parameters chunk.
+"""`sdtorch generate | img2img | inpaint | outpaint | replay | samplers`: PNG files with A1111's parameters chunk.
 
-Every argument is checked before the model loads, and images are written only after all of them
-were generated (each through a temporary file and a rename), so a failure leaves no partial output.
+Every argument, image and output name is checked before the model loads (`generation.Request.validate`,
+`images.open_image`, `output_paths`), and images are written only after all of them were generated,
+each through a temporary file renamed into place, so a failure leaves no partial output.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import os
+import string
 import sys
 from pathlib import Path
 
 from . import infotext
 from .errors import SDTorchError
+from .fileio import atomic_file, check_file_destination, shown
 
 
 def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> None:
     p.add_argument("--model", "-m", default="shapes",
                    help="a .safetensors/.ckpt file, a diffusers folder, or the built-in 'shapes' (default)")
     p.add_argument("--negative-prompt", "-n", default="")
-    p.add_argument("--width", "-W", type=int, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--height", "-H", type=int, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--steps", "-s", type=int, help="default: the model's, else 20")
+    p.add_argument("--width", "-W", type=int, help="pixels, a multiple of 8 (default: the model's size, or the "
+                   "source image's rounded down to a multiple of 8; the image is resized to it)")
+    p.add_argument("--height", "-H", type=int, help="pixels, a multiple of 8 (default: as for --width)")
+    p.add_argument("--steps", "-s", type=int, help="default: the model's, else 20; at most what the model's "
+                   "schedule supports (999 of 1000 training steps, 998 for the DPM++ 2M samplers)")
     p.add_argument("--sampler", help="see `sdtorch samplers` (default: the model's, else dpmpp_2m)")
     p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels")
     p.add_argument("--guidance", "--cfg", "-g", type=float,
-                   help="classifier-free guidance scale (default: the model's, else 7.5)")
-    p.add_argument("--seed", type=int, help="image i uses seed + i (default: random)")
+                   help="classifier-free guidance scale, 0 to 100 (default: the model's, else 7.5)")
+    p.add_argument("--seed", type=int, help="0 to 2**64 - 1; image i uses seed + i (default: random)")
     p.add_argument("--batch", "-b", type=int, default=1, help="number of images")
-    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1, help="1 to the number of text-encoder layers")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load in this dtype (default: the file's)")
     p.add_argument("--output", "-o", default="sdtorch-{seed}.png",
-                   help="PNG path; {seed} is replaced per image, else -0, -1, ... are added for a batch")
+                   help="PNG path; {seed} is replaced per image (a Python format field: {seed:06d} works; write "
+                   "{{ and }} for braces), else -0, -1, ... are added for a batch")
     if strength:
         p.add_argument("--strength", type=float, default=0.75, help="img2img: 0 keeps the image, 1 replaces it")
 
 
 def output_paths(pattern: str, seeds: list[int]) -> list[Path]:
-    if "{seed}" in pattern:
-        paths = [Path(pattern.format(seed=s)) for s in seeds]
-    elif len(seeds) == 1:
-        paths = [Path(pattern)]
-    else:
-        p = Path(pattern)
-        paths = [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(len(seeds))]
-    for p in paths:
-        if p.suffix.lower() != ".png":
-            raise SDTorchError(f"{p}: output must be a .png file")
-        if not p.parent.is_dir():
-            raise SDTorchError(f"{p}: folder {p.parent} does not exist")
+    """The PNG path of each image, every one checked as a destination and no two the same."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+        if names - {"seed"}:
+            raise SDTorchError(f"output {shown(pattern)}: unknown field {{{sorted(names - {'seed'})[0]}}}; only "
+                               "{seed} is replaced (write {{ and }} for braces)")
+        if names:
+            paths = [Path(pattern.format(seed=s)) for s in seeds]
+        else:
+            p = Path(pattern.format())
+            paths = [p] if len(seeds) == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(len(seeds))]
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise SDTorchError(f"output {shown(pattern)}: not a valid name pattern ({e})") from None
+    first: dict[str, int] = {}  # absolute path -> the first image written there
+    for i, p in enumerate(paths):
+        check_file_destination(p, (".png",))
+        _check_name_length(p)
+        j = first.setdefault(os.path.normcase(os.path.abspath(p)), i)
+        if j != i:
+            raise SDTorchError(f"output {shown(pattern)}: images {j} and {i} would both be written to {shown(p)}")
     return paths
 
 
-def _request(args, strength: float = 1.0):
-    from .generation import Request, new_seed
+def _check_name_length(path: Path) -> None:
+    """The name, and the temporary name it is written under (`.NAME.XXXXXXXX.tmp`), fit the file system."""
+    try:
+        most = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        most = 255
+    if len(os.fsencode(path.name)) + len("..XXXXXXXX.tmp") > most:
+        raise SDTorchError(f"{shown(path)}: file name too long (at most {most - 14} bytes)")
+
+
+def _request(args, limits, image_size=None, image_name="the image", strength: float = 1.0):
+    """The request the flags describe, validated. Steps, guidance and sampler not given are checked as
+    sdtorch's defaults here and as the model's once it is loaded; so is the size without -W/-H."""
+    from .generation import Request, new_seed, size_for_image
     from .pipeline import GENERATION_DEFAULTS
 
+    width, height = args.width, args.height
+    if image_size is not None:
+        width, height = size_for_image(*image_size, width, height, name=image_name)
     seed = new_seed() if args.seed is None else args.seed
     given = {k: getattr(args, k) for k in GENERATION_DEFAULTS if getattr(args, k) is not None}
-    req = Request(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width or 512,
-                  height=args.height or 512, seed=seed, batch_size=args.batch, karras=args.karras, strength=strength,
-                  clip_skip=args.clip_skip, **given)
-    req.validate()  # before the model loads; the model's size and defaults fill in what was not given later
+    req = Request(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                  width=8 if width is None else width, height=8 if height is None else height,
+                  seed=seed, batch_size=args.batch, karras=args.karras, strength=strength, clip_skip=args.clip_skip,
+                  **given)
+    req.validate(limits)
     return req
 
 
 def _save(images, paths, texts) -> None:
+    """Write every PNG under a temporary name, then rename them all; on any failure none is left."""
     from PIL.PngImagePlugin import PngInfo
 
-    for image, path, text in zip(images, paths, texts):
-        info = PngInfo()
-        info.add_text("parameters", text)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+    with contextlib.ExitStack() as stack:
+        for image, path, text in zip(images, paths, texts):
+            info = PngInfo()
+            info.add_text("parameters", text)
+            tmp = stack.enter_context(atomic_file(path))
+            image.save(tmp, format="PNG", pnginfo=info)
+    for path in paths:
+        print(f"wrote {shown(path)}")
 
 
-def run(args, kind: str) -> None:
-    from .images import open_image
+def _check_model_path(model: str) -> None:
+    """A model path that exists is a regular file or a folder (a FIFO or device would block the reader)."""
+    from .pipeline import BUILTIN
+
+    path = Path(model)
+    if model in BUILTIN and not path.exists():
+        return
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise SDTorchError(f"{shown(model)}: not a regular file or a folder, so not a model")
+
+
+def run(args, kind: str, digest: str | None = None) -> None:
+    from . import images
+    from .generation import Limits
     from .pipeline import GENERATION_DEFAULTS, load
 
-    req = _request(args, getattr(args, "strength", 1.0))
+    limits = Limits.from_env()
+    source = mask = size = None
+    name = shown(getattr(args, "image", ""))
+    if kind in ("img2img", "outpaint"):
+        source = images.open_image(args.image, max_pixels=limits.max_image_pixels)
+    elif kind == "inpaint":
+        source, mask = images.open_pair(args.image, args.mask, limits.max_image_pixels)
+    if source is not None:
+        size = source.size
+    if kind == "outpaint":
+        size = images.check_padding(source.size, args.pad, limits.max_side)
+        name = f"{name} padded by {tuple(args.pad)}"
+    req = _request(args, limits, size, name, getattr(args, "strength", 1.0))
     seeds = [req.seed + i for i in range(req.batch_size)]
     paths = output_paths(args.output, seeds)
-    for name in ("image", "mask"):
-        if getattr(args, name, None) is not None:
-            open_image(getattr(args, name))  # fail on an unreadable image before the model loads
+    _check_model_path(args.model)
     model = load(args.model, dtype=args.dtype)
-    req = dataclasses.replace(req, **{k: model.default(k) for k in GENERATION_DEFAULTS if getattr(args, k) is None})
-    common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, steps=req.steps,
-                  guidance=req.guidance, sampler=req.sampler, seed=req.seed, batch_size=req.batch_size,
-                  karras=req.karras, clip_skip=req.clip_skip, progress=True)
+    digest = digest or infotext.model_hash(args.model)
+    common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, seed=req.seed,
+                  batch_size=req.batch_size, karras=req.karras, clip_skip=req.clip_skip, progress=True,
+                  limits=limits, **{k: getattr(args, k) for k in GENERATION_DEFAULTS})
     if kind == "txt2img":
-        images = model.txt2img(req.prompt, **common)
+        out = model.txt2img(req.prompt, **common)
     elif kind == "img2img":
-        images = model.img2img(args.image, req.prompt, strength=req.strength, **common)
+        out = model.img2img(source, req.prompt, strength=req.strength, **common)
     elif kind == "outpaint":
         left, top, right, bottom = args.pad
-        images = model.outpaint(args.image, req.prompt, left=left, top=top, right=right, bottom=bottom, **common)
+        out = model.outpaint(source, req.prompt, left=left, top=top, right=right, bottom=bottom, **common)
     else:
-        images = model.inpaint(args.image, args.mask, req.prompt, **common)
-    digest = infotext.model_hash(args.model)
+        out = model.inpaint(source, mask, req.prompt, **common)
+    used = {k: getattr(args, k) if getattr(args, k) is not None else model.default(k) for k in GENERATION_DEFAULTS}
     texts = [infotext.build(req.prompt, req.negative_prompt, {
-        "Steps": req.steps, "Sampler": infotext.A1111_NAMES[req.sampler],
-        "Schedule type": "Karras" if req.karras else None, "CFG scale": req.guidance, "Seed": seed,
-        "Size": f"{im.width}x{im.height}", "Model hash": digest, "Model": args.model,
+        "Steps": used["steps"], "Sampler": infotext.A1111_NAMES[used["sampler"]],
+        "Schedule type": "Karras" if req.karras else None, "CFG scale": used["guidance"], "Seed": seed,
+        "Size": f"{im.width}x{im.height}", "Model hash": digest,
+        "Model": args.model.encode("utf-8", "backslashreplace").decode("utf-8"),
         "Denoising strength": req.strength if kind == "img2img" else None,
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if kind == "txt2img" else kind,
-    }) for im, seed in zip(images, seeds)]
-    _save(images, paths, texts)
+    }) for im, seed in zip(out, seeds)]
+    _save(out, paths, texts)
 
 
 def replay(args) -> None:
     """Read an image's parameters and make the text-to-image run again."""
-    from .images import open_image
+    from .generation import Limits
+    from .images import read_text_chunk
+    from .pipeline import builtin_path
 
-    open_image(args.image)
-    from PIL import Image
-
-    with Image.open(args.image) as im:
-        text = im.info.get("parameters")
+    image = shown(args.image)
+    Limits.from_env()  # a malformed limit is reported before the image is read
+    text = read_text_chunk(args.image, "parameters")
     if not text:
-        raise SDTorchError(f"{args.image}: no 'parameters' text in this PNG (not made by sdtorch or A1111)")
-    prompt, negative, f = infotext.parse(text)
+        raise SDTorchError(f"{image}: no 'parameters' text in this PNG (not made by sdtorch or A1111)")
+    try:
+        prompt, negative, f = infotext.parse(text)
+    except SDTorchError as e:
+        raise SDTorchError(f"{image}: {e}") from None
     if f.get("Mode") or "Denoising strength" in f:
-        raise SDTorchError(f"{args.image}: made by {f.get('Mode', 'img2img')}; replay reproduces text-to-image "
+        raise SDTorchError(f"{image}: made by {shown(f.get('Mode', 'img2img'))}; replay reproduces text-to-image "
                            "runs only (rerun that command with its source image)")
     sampler_name, karras = f.get("Sampler", ""), f.get("Schedule type") == "Karras"
     if sampler_name.endswith(" Karras"):  # older A1111 infotexts name the schedule in the sampler
         sampler_name, karras = sampler_name[: -len(" Karras")], True
     if sampler_name not in infotext.SDTORCH_NAMES:
-        raise SDTorchError(f"{args.image}: sampler {sampler_name!r} is not one sdtorch has "
+        raise SDTorchError(f"{image}: sampler {sampler_name!r} is not one sdtorch has "
                            f"({', '.join(infotext.A1111_NAMES.values())})")
-    from .pipeline import builtin_path
-
     model_path = args.model or f.get("Model")
     if not model_path or not (Path(model_path).exists() or builtin_path(model_path)):
-        raise SDTorchError(f"{args.image}: model {model_path!r} not found; pass --model")
-    if f.get("Model hash") and infotext.model_hash(model_path) != f["Model hash"]:
-        print(f"sdtorch: warning: {model_path} has hash {infotext.model_hash(model_path)}, the image was made "
-              f"with {f['Model hash']}; the result will differ", file=sys.stderr)
+        raise SDTorchError(f"{image}: model {model_path!r} not found; pass --model")
     try:
         width, height = (int(v) for v in f["Size"].split("x"))
-        args = argparse.Namespace(prompt=prompt, negative_prompt=negative, width=width, height=height,
-                                  steps=int(f["Steps"]), guidance=float(f["CFG scale"]),
-                                  sampler=infotext.SDTORCH_NAMES[sampler_name], seed=int(f["Seed"]), batch=1,
-                                  karras=karras, clip_skip=int(f.get("Clip skip", 1)), dtype=None,
-                                  model=model_path, output=args.output or str(Path(args.image).with_suffix(""))
-                                  + "-replay.png")
-    except (KeyError, ValueError) as e:
-        raise SDTorchError(f"{args.image}: incomplete or malformed parameters ({e})") from None
-    run(args, "txt2img")
+        numbers = dict(steps=int(f["Steps"]), guidance=float(f["CFG scale"]), seed=int(f["Seed"]),
+                       clip_skip=int(f.get("Clip skip", 1)))
+    except KeyError as e:
+        raise SDTorchError(f"{image}: the parameters have no {e.args[0]!r} field") from None
+    except ValueError as e:
+        raise SDTorchError(f"{image}: malformed parameters ({e})") from None
+    digest = infotext.model_hash(model_path)
+    if f.get("Model hash") and digest != f["Model hash"]:
+        print(f"sdtorch: warning: {shown(model_path)} has hash {digest}, the image was made with "
+              f"{shown(f['Model hash'])}; the result will differ", file=sys.stderr)
+    output = args.output or str(Path(args.image).with_suffix("")).replace("{", "{{").replace("}", "}}") + "-replay.png"
+    run(argparse.Namespace(prompt=prompt, negative_prompt=negative, width=width, height=height,
+                           sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras, dtype=None,
+                           model=model_path, output=output, **numbers), "txt2img", digest)
 
 
 def samplers(args) -> None:
@@ -164,33 +222,37 @@ def samplers(args) -> None:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("generate", help="text to image")
+    from .generation import ENV_HELP
+
+    p = sub.add_parser("generate", help="text to image", epilog=ENV_HELP)
     p.add_argument("prompt")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "txt2img"))
 
-    p = sub.add_parser("img2img", help="image to image")
+    p = sub.add_parser("img2img", help="image to image", epilog=ENV_HELP)
     p.add_argument("image")
     p.add_argument("prompt")
     add_generation_flags(p, strength=True)
     p.set_defaults(func=lambda a: run(a, "img2img"))
 
-    p = sub.add_parser("inpaint", help="repaint where the mask is white")
+    p = sub.add_parser("inpaint", help="repaint where the mask is white", epilog=ENV_HELP)
     p.add_argument("image")
     p.add_argument("mask")
     p.add_argument("prompt")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "inpaint"))
 
-    p = sub.add_parser("outpaint", help="extend the canvas: pad the image, then inpaint the new area")
+    p = sub.add_parser("outpaint", help="extend the canvas: pad the image, then inpaint the new area",
+                       epilog=ENV_HELP)
     p.add_argument("image")
     p.add_argument("prompt")
     p.add_argument("--pad", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), required=True,
-                   help="pixels to add on each side (the new size must stay a multiple of 8)")
+                   help="pixels to add on each side, 0 or more (a new size that is not a multiple of 8 is rounded down)")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "outpaint"))
 
-    p = sub.add_parser("replay", help="regenerate a PNG from its parameters text, bit-identically on the CPU")
+    p = sub.add_parser("replay", help="regenerate a PNG from its parameters text, bit-identically on the CPU",
+                       epilog=ENV_HELP)
     p.add_argument("image")
     p.add_argument("--model", "-m", help="the model (default: the path recorded in the image)")
     p.add_argument("--output", "-o", help="default: IMAGE-replay.png")
@@ -198,3 +260,4 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("samplers", help="list the samplers")
     p.set_defaults(func=samplers)
+

@@ -5,25 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import SDTorchError
-
 
 def make_shapes(args) -> None:
     from .data.shapes import make_shapes as write
 
-    if args.count < 1:
-        raise SDTorchError(f"--count must be at least 1, got {args.count}")
     print(f"wrote {write(args.folder, args.count, seed=args.seed, size=args.size)} ({args.count} images)")
 
 
 def evaluate(args) -> None:
-    from .evaluation import evaluate_shapes
+    from .evaluation import check_output_folder, check_shapes_eval, evaluate_shapes
     from .pipeline import load
 
     out = Path(args.output)
-    if not out.parent.is_dir():
-        raise SDTorchError(f"{out}: folder {out.parent} does not exist")
-    out.mkdir(exist_ok=True)
+    check_shapes_eval(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      n_seen=args.n_seen, n_heldout=args.n_heldout, n_two=args.n_two)
+    check_output_folder(out)  # both before the model loads; the folder itself is written at the end
     model = load(args.model)
     report = evaluate_shapes(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
                              n_seen=args.n_seen, n_heldout=args.n_heldout, n_two=args.n_two, out_dir=out)
@@ -39,7 +35,8 @@ def _exact(splits: dict) -> dict:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("make-shapes", help="render a captioned shapes-world image folder")
-    p.add_argument("folder")
+    p.add_argument("folder", help="the dataset folder, written whole; an existing one is replaced only if it is "
+                   "empty or an earlier make-shapes dataset (NNNNNN.png and NNNNNN.txt files alone)")
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="canvas side in pixels (every coordinate scales)")
@@ -56,5 +53,6 @@ def add_commands(sub) -> None:
     e.add_argument("--n-seen", type=int, default=60)
     e.add_argument("--n-heldout", type=int, default=40)
     e.add_argument("--n-two", type=int, default=60)
-    e.add_argument("--output", "-o", default="shapes-eval", help="folder for report.json and contact_sheet.png")
+    e.add_argument("--output", "-o", default="shapes-eval", help="folder for report.json and contact_sheet.png, "
+                   "written whole; an existing one is replaced only if it is empty or an earlier evaluation's")
     e.set_defaults(func=evaluate)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+import warnings
 
 
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]) -> None:
@@ -30,8 +32,11 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str,
 
 
 def _run(cls, fn, args) -> None:
+    """Build the argument dataclass (the trainer checks it) and train; warnings print as one line each."""
     names = {f.name for f in dataclasses.fields(cls)}
-    out = fn(cls(**{k: v for k, v in vars(args).items() if k in names}))
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"sdtorch: warning: {message}", file=sys.stderr)
+        out = fn(cls(**{k: v for k, v in vars(args).items() if k in names}))
     print(f"wrote {out}")
 
 

@@ -6,7 +6,53 @@ Every model in sdtorch is built from one of these dataclasses; nothing else deci
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from .errors import SDTorchError
+
+ACTIVATIONS = ("quick_gelu", "gelu")  # the text encoder's MLP activations (models/clip.py)
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")  # sampling/schedules.py
+
+
+class ConfigError(SDTorchError, ValueError):
+    """An impossible architecture: `field` (e.g. "unet.num_heads") holds `value`, and `why` says what is wrong.
+    Readers put the file's name in front; the message alone names the config field."""
+
+    def __init__(self, field: str, value, why: str):
+        self.field, self.value, self.why = field, value, why
+        shown = repr(value)
+        super().__init__(f"{field} = {shown if len(shown) <= 80 else shown[:77] + '...'}: {why}")
+
+
+def _positive_ints(part: str, obj, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{part}.{name}" if part else name, value, "must be a positive integer")
+
+
+def _positive_real(part: str, name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{part}.{name}" if part else name, value, "must be a positive finite number")
+
+
+def _flag(part: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{part}.{name}", value, "must be true or false")
+
+
+def _channels(part: str, value, groups: int) -> None:
+    """A non-empty tuple of positive channel counts, each a multiple of the GroupNorm group count."""
+    name = f"{part}.block_channels"
+    if not isinstance(value, tuple) or not value:
+        raise ConfigError(name, value, "must be a non-empty list of channel counts")
+    for c in value:
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ConfigError(name, value, f"channel count {c!r} is not a positive integer")
+        if c % groups:
+            raise ConfigError(f"{part}.norm_groups", groups,
+                              f"{c} channels of {name} do not split into {groups} groups")
 
 
 @dataclass(frozen=True)
@@ -25,10 +71,27 @@ class UNetConfig:
     time_embed_mult: int = 4  # time embedding width = block_channels[0] * this
 
     def __post_init__(self):
+        _positive_ints("unet", self, ("in_channels", "out_channels", "layers_per_block", "context_dim",
+                                      "transformer_depth", "norm_groups", "time_embed_mult"))
+        _channels("unet", self.block_channels, self.norm_groups)
+        if self.block_channels[0] % 2:
+            raise ConfigError("unet.block_channels", self.block_channels, "the first level's channel count must be "
+                              "even (it is the width of the sinusoidal time embedding)")
+        levels = self.attention_levels
+        if not isinstance(levels, tuple) or len(levels) != len(self.block_channels) \
+                or not all(isinstance(a, bool) for a in levels):
+            raise ConfigError("unet.attention_levels", levels, f"must be {len(self.block_channels)} true/false "
+                              "values, one per level of unet.block_channels")
+        _flag("unet", "linear_projection", self.linear_projection)
         if (self.num_heads is None) == (self.head_dim is None):
-            raise ValueError("UNetConfig: set exactly one of num_heads and head_dim")
-        if len(self.attention_levels) != len(self.block_channels):
-            raise ValueError("UNetConfig: attention_levels and block_channels differ in length")
+            raise ConfigError("unet.num_heads", self.num_heads, "set exactly one of unet.num_heads and unet.head_dim")
+        name, value = ("num_heads", self.num_heads) if self.num_heads is not None else ("head_dim", self.head_dim)
+        _positive_ints("unet", self, (name,))
+        # Attention runs at the levels that ask for it and always in the middle block (the last level's width).
+        for ch in sorted({c for c, a in zip(self.block_channels, levels) if a} | {self.block_channels[-1]}):
+            if ch % value:
+                why = f"{value} heads" if name == "num_heads" else f"heads of width {value}"
+                raise ConfigError(f"unet.{name}", value, f"{ch} attention channels do not split into {why}")
 
     def heads_for(self, channels: int) -> int:
         """Number of attention heads for a transformer of this width."""
@@ -45,6 +108,12 @@ class VAEConfig:
     scaling_factor: float = 0.18215  # latents are multiplied by this before diffusion (LDM sec. 4.3.2)
     mid_attention: bool = True  # self-attention in the middle blocks (diffusers' mid_block_add_attention)
 
+    def __post_init__(self):
+        _positive_ints("vae", self, ("in_channels", "latent_channels", "layers_per_block", "norm_groups"))
+        _channels("vae", self.block_channels, self.norm_groups)
+        _positive_real("vae", "scaling_factor", self.scaling_factor)
+        _flag("vae", "mid_attention", self.mid_attention)
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -56,6 +125,15 @@ class TextConfig:
     mlp_width: int = 3072
     activation: str = "quick_gelu"  # OpenAI CLIP (SD1); "gelu" for OpenCLIP ViT-H (SD2)
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _positive_ints("text", self, ("vocab_size", "max_positions", "width", "layers", "heads", "mlp_width"))
+        if self.width % self.heads:
+            raise ConfigError("text.heads", self.heads,
+                              f"text.width = {self.width} does not split into {self.heads} heads")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError("text.activation", self.activation, f"expected one of {', '.join(ACTIVATIONS)}")
+        _positive_real("text", "layer_norm_eps", self.layer_norm_eps)
 
 
 @dataclass(frozen=True)
@@ -72,6 +150,36 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
+
+    def __post_init__(self):
+        for name, kind in (("unet", UNetConfig), ("vae", VAEConfig), ("text", TextConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(name, getattr(self, name), f"must be a {kind.__name__}")
+        for name, allowed in (("family", ("sd1", "sd2", "custom")), ("prediction_type", ("epsilon", "v_prediction")),
+                              ("beta_schedule", BETA_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
+        if not isinstance(self.pad_token, str) or not self.pad_token:
+            raise ConfigError("pad_token", self.pad_token, "must be a non-empty string")
+        _positive_ints("", self, ("sample_size", "num_train_timesteps"))
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            _positive_real("", name, value)
+            if value >= 1:
+                raise ConfigError(name, value, "a noise-schedule beta must lie in (0, 1)")
+
+    def check_parts(self) -> None:
+        """Raise ConfigError unless the three networks fit together (each one is checked on its own when
+        it is made): the UNet attends to the text encoder's width and denoises the VAE's latents."""
+        u, v, t = self.unet, self.vae, self.text
+        if u.context_dim != t.width:
+            raise ConfigError("unet.context_dim", u.context_dim, f"must equal the text encoder's width {t.width}")
+        if u.out_channels != v.latent_channels:
+            raise ConfigError("unet.out_channels", u.out_channels,
+                              f"must equal the VAE's latent channels {v.latent_channels}")
+        if u.in_channels not in (v.latent_channels, 2 * v.latent_channels + 1):
+            raise ConfigError("unet.in_channels", u.in_channels, f"must be the VAE's {v.latent_channels} latent "
+                              f"channels, or {2 * v.latent_channels + 1} for inpainting (latent, mask, masked image)")
 
     @property
     def inpainting(self) -> bool:

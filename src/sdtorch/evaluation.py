@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.analyse import analyse, match
 from .data.shapes import BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SIZES, Obj, Scene, allowed, random_scene, render
+from .fileio import atomic_folder, check_folder_destination
 
 SPLITS = ("seen", "heldout", "two")
 OBJECT_ATTRIBUTES = ("color", "shape", "size", "position")  # counted per expected object
@@ -38,6 +39,28 @@ def shapes_prompts(seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: 
     return items
 
 
+def check_shapes_eval(*, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                      seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60) -> None:
+    """The grading settings, checked before the model loads: integer counts of 0 or more, not all 0, every
+    prompt's seed (seed + i) in range, and a sampler, steps and guidance that a generation accepts
+    (`Request.validate`; the bounds of the model's own schedule are checked when it generates)."""
+    from .errors import SDTorchError
+    from .generation import MAX_SEED, Request
+
+    counts = {"--n-seen": n_seen, "--n-heldout": n_heldout, "--n-two": n_two}
+    for name, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise SDTorchError(f"{name} must be an integer, 0 or more, got {n!r}")
+    total = sum(counts.values())
+    if total == 0:
+        raise SDTorchError("--n-seen, --n-heldout and --n-two are all 0: there is nothing to grade")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - (total - 1):
+        raise SDTorchError(f"--seed must be an integer from 0 to 2**64 - {total} (prompt i uses seed + i), "
+                           f"got {seed!r}")
+    given = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)) if v is not None}
+    Request(prompt="", seed=seed, **given).validate()
+
+
 def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                     seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, out_dir=None,
                     progress: bool = True, roundtrip: bool = True) -> dict:
@@ -48,8 +71,13 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
     holds n, exact and per-attribute {correct, total, accuracy}, plus missing and extra object counts. With
     `roundtrip`, also "autoencoder": the same summaries for each prompt's own render passed through the
     model's VAE (`autoencoder_roundtrip`), the ceiling the VAE sets on the generations' scores. With
-    `out_dir`, also writes report.json and contact_sheet.png (green border: exact match, red: not).
+    `out_dir`, also writes report.json and contact_sheet.png (green border: exact match, red: not) into that
+    folder, whole or not at all (see `check_output_folder`, which runs first).
     """
+    check_shapes_eval(sampler=sampler, steps=steps, guidance=guidance, seed=seed, n_seen=n_seen,
+                      n_heldout=n_heldout, n_two=n_two)
+    if out_dir is not None:
+        check_output_folder(out_dir)
     from tqdm.auto import tqdm
 
     sampler, steps, guidance = (model.default(k) if v is None else v
@@ -74,12 +102,19 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
     if roundtrip:
         report["autoencoder"] = autoencoder_roundtrip(model.vae, items, seed=seed, size=side)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        contact_sheet(images, [r["prompt"] for r in records], [r["exact"] for r in records]).save(
-            out / "contact_sheet.png")
+        with atomic_folder(out_dir) as tmp:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            contact_sheet(images, [r["prompt"] for r in records], [r["exact"] for r in records]).save(
+                tmp / "contact_sheet.png")
     return report
+
+
+def check_output_folder(out_dir) -> Path:
+    """`out_dir` can take an evaluation's folder (checked before any image is generated): it is written
+    whole under a temporary name and renamed into place, replacing an empty folder or an earlier
+    evaluation's (one holding report.json); any other existing folder is refused."""
+    return check_folder_destination(out_dir, replaceable=lambda f: (f / "report.json").is_file(),
+                                    what="an evaluation folder (no report.json)")
 
 
 def autoencoder_roundtrip(vae, items: list[tuple[str, Scene]], seed: int = 0, size: int = 64) -> dict:

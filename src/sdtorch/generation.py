@@ -7,9 +7,12 @@ time (each as one guided batch of two), so an image does not depend on the batch
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import secrets
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,109 @@ from .sampling import SAMPLERS, CFGDenoiser, denoiser_for, get_sigmas, init_nois
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds that protect the machine rather than follow from the model (the model's own bounds, such
+    as the steps its schedule supports, are checked by `Request.validate` once its config is known).
+
+    Python: `model.txt2img(..., limits=Limits(max_side=8192))`. CLI and server: the environment
+    variables SDTORCH_MAX_SIDE, SDTORCH_MAX_PIXELS, ... (`Limits.from_env`)."""
+
+    max_side: int = 4096  # pixels on either side of an output image
+    max_pixels: int = 2048 * 2048  # width * height of an output image (A1111's largest slider setting)
+    max_batch: int = 100  # images per request (A1111's batch count limit)
+    max_steps: int = 1000  # sampling steps; a model's schedule may support fewer (`schedule_max_steps`)
+    max_prompt_chars: int = 10_000  # characters in a prompt or negative prompt (some 30 chunks of 75 tokens)
+    max_image_pixels: int = 8192 * 8192  # pixels of an image read (source, mask, replayed PNG); under PIL's bomb limit
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _is_int(value) or value < 1:
+                raise SDTorchError(f"limit {f.name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def of(cls, limits) -> "Limits":
+        """`limits` itself, or the defaults for None; anything else is an SDTorchError."""
+        if limits is None:
+            return cls()
+        if not isinstance(limits, cls):
+            raise SDTorchError(f"limits must be a generation.Limits, got {type(limits).__name__}")
+        return limits
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Limits":
+        """Limits with each field overridden by SDTORCH_<FIELD> (e.g. SDTORCH_MAX_SIDE=8192) where set."""
+        environ = os.environ if environ is None else environ
+        given = {}
+        for f in fields(cls):
+            name = f"SDTORCH_{f.name.upper()}"
+            if name in environ:
+                text = environ[name].strip().replace("_", "")
+                if not text.isdigit() or int(text) < 1:
+                    raise SDTorchError(f"{name}: must be a positive integer, got {environ[name]!r}")
+                given[f.name] = int(text)
+        return cls(**given)
+
+
+ENV_HELP = ("limits (environment variables): " + ", ".join(
+    f"SDTORCH_{f.name.upper()} (default {f.default})" for f in fields(Limits)) + ".")
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_GUIDANCE = 100.0  # A1111's UI stops at 30; this bound still refuses typos such as 750
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_text(name: str, value, limits: Limits) -> None:
+    """A prompt: a str of valid Unicode (non-UTF-8 bytes in argv arrive as lone surrogates) within the limit."""
+    if not isinstance(value, str):
+        raise SDTorchError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SDTorchError(f"{name} is not valid UTF-8 text (undecodable byte at character {e.start}); "
+                           "give the prompt in UTF-8") from None
+    if len(value) > limits.max_prompt_chars:
+        raise SDTorchError(f"{name} has {len(value)} characters, more than the limit of {limits.max_prompt_chars} "
+                           "(SDTORCH_MAX_PROMPT_CHARS)")
+
+
+def check_size(width, height, limits: Limits, what: str = "width and height") -> None:
+    """An output size: positive multiples of 8 within the limits on each side and on the pixel count."""
+    for v in (width, height):
+        if not _is_int(v):
+            raise SDTorchError(f"{what} must be integers, got {width!r}x{height!r}")
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise SDTorchError(f"{what} must be positive multiples of 8, got {width}x{height}")
+    if max(width, height) > limits.max_side:
+        raise SDTorchError(f"{what} {width}x{height}: a side is over the limit of {limits.max_side} pixels "
+                           "(SDTORCH_MAX_SIDE)")
+    if width * height > limits.max_pixels:
+        raise SDTorchError(f"{what} {width}x{height}: {width * height} pixels, over the limit of "
+                           f"{limits.max_pixels} (SDTORCH_MAX_PIXELS)")
+
+
+def schedule_max_steps(num_train_timesteps: int, sampler: str, karras: bool = False) -> int | None:
+    """The most steps for which `get_sigmas` (leading spacing, steps_offset 1, as `generate` uses it) gives
+    strictly decreasing noise levels inside the training range; None where any count does (Karras
+    sigmas of the DPM-Solver samplers span the training range whatever the count).
+
+    Leading spacing visits t = k * (T // n) + 1: for n = T the last one is T, past the table, so two steps
+    share sigma_max and the solvers divide by a zero step (black images); DPM-Solver spaces n + 1 points,
+    so it runs out one step sooner. Karras sigmas of the others span the spaced schedule's extremes,
+    which coincide past T steps."""
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        return None if karras else num_train_timesteps - 2
+    return num_train_timesteps if karras else num_train_timesteps - 1
+
+
+@dataclass(frozen=True)
 class Request:
     prompt: str
     negative_prompt: str = ""
@@ -30,24 +136,85 @@ class Request:
     steps: int = 20
     guidance: float = 7.5
     sampler: str = "dpmpp_2m"
-    seed: int = 0
+    seed: int | None = 0  # None: a random one
     batch_size: int = 1
     karras: bool = False
     strength: float = 1.0  # img2img: how much of the schedule to run (1 = all of it)
     clip_skip: int = 1
     guidance_rescale: float = 0.0
 
-    def validate(self) -> None:
-        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
-            raise SDTorchError(f"width and height must be positive multiples of 8, got {self.width}x{self.height}")
-        if self.steps < 1:
-            raise SDTorchError(f"steps must be at least 1, got {self.steps}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise SDTorchError(f"strength must be in [0, 1], got {self.strength}")
-        if self.sampler not in SAMPLERS:
+    def validate(self, limits: Limits | None = None, config=None) -> None:
+        """The one check of a request (CLI, Python API, server): every field's type and range, before
+        anything loads. With the model's `config`, also what depends on it (schedule, text layers, VAE)."""
+        limits = limits or Limits()
+        check_text("prompt", self.prompt, limits)
+        check_text("negative prompt", self.negative_prompt, limits)
+        check_size(self.width, self.height, limits)
+        if not _is_int(self.steps):
+            raise SDTorchError(f"steps must be an integer, got {self.steps!r}")
+        if not 1 <= self.steps <= limits.max_steps:
+            raise SDTorchError(f"steps must be at least 1 and at most {limits.max_steps} (SDTORCH_MAX_STEPS), "
+                               f"got {self.steps}")
+        _check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)
+        _check_real("guidance rescale", self.guidance_rescale, 0.0, 1.0)
+        _check_real("strength", self.strength, 0.0, 1.0)
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise SDTorchError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-        if self.batch_size < 1:
-            raise SDTorchError(f"batch size must be at least 1, got {self.batch_size}")
+        if not isinstance(self.karras, bool):
+            raise SDTorchError(f"karras must be True or False, got {self.karras!r}")
+        if not _is_int(self.batch_size):
+            raise SDTorchError(f"batch size must be an integer, got {self.batch_size!r}")
+        if not 1 <= self.batch_size <= limits.max_batch:
+            raise SDTorchError(f"batch size must be at least 1 and at most {limits.max_batch} (SDTORCH_MAX_BATCH), "
+                               f"got {self.batch_size}")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise SDTorchError(f"seed must be an integer, got {self.seed!r}")
+            if not 0 <= self.seed <= MAX_SEED - (self.batch_size - 1):
+                raise SDTorchError(f"seed must be in [0, 2**64 - 1] for every image (seed + batch size - 1), "
+                                   f"got {self.seed} with batch size {self.batch_size}")
+        if not _is_int(self.clip_skip) or self.clip_skip < 1:
+            raise SDTorchError(f"clip skip must be a positive integer, got {self.clip_skip!r}")
+        if config is not None:
+            self._validate_for(config)
+
+    def _validate_for(self, config) -> None:
+        if self.clip_skip > config.text.layers:
+            raise SDTorchError(f"clip skip {self.clip_skip}: the model's text encoder has only "
+                               f"{config.text.layers} layers")
+        most = schedule_max_steps(config.num_train_timesteps, self.sampler, self.karras)
+        if most is not None and self.steps > most:
+            raise SDTorchError(f"steps {self.steps}: the model's schedule of {config.num_train_timesteps} training "
+                               f"steps supports at most {most} with sampler {self.sampler}"
+                               + ("" if self.karras else " (more with --karras)"))
+        factor = 2 ** (len(config.vae.block_channels) - 1)
+        if self.width % factor or self.height % factor:
+            raise SDTorchError(f"width and height must be multiples of {factor} for this model's VAE, "
+                               f"got {self.width}x{self.height}")
+
+
+def _check_real(name: str, value, low: float, high: float) -> None:
+    if not _is_real(value):
+        raise SDTorchError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SDTorchError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+
+def size_for_image(image_width: int, image_height: int, width=None, height=None, name: str = "the image"):
+    """(width, height) of a request that starts from an image: those given, else the image's own rounded
+    down to a multiple of 8 (as diffusers' image processor does); the image is resized to them."""
+    if (width is None and image_width < 8) or (height is None and image_height < 8):
+        raise SDTorchError(f"{name} is {image_width}x{image_height}, smaller than 8x8")
+    return (image_width // 8 * 8 if width is None else width), (image_height // 8 * 8 if height is None else height)
+
+
+def make_request(**kw) -> Request:
+    """A Request from keyword arguments; an unknown one is an SDTorchError naming it."""
+    known = {f.name for f in fields(Request)}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise SDTorchError(f"unknown generation option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    return Request(**kw)
 
 
 def new_seed() -> int:
@@ -93,10 +260,20 @@ def _unet_fn(unet, extra: torch.Tensor | None):
 
 @torch.no_grad()
 def generate(model, req: Request, source: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-             progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+             progress: bool = True, limits: Limits | None = None) -> tuple[torch.Tensor, list[int]]:
     """Run one request. `source`: image in [-1, 1], [1, 3, H, W] (img2img/inpaint); `mask`: [1, 1, H, W]
-    in [0, 1], 1 = repaint. Returns (images in [0, 1] as [B, 3, H, W], seeds)."""
-    req.validate()
+    in [0, 1], 1 = repaint. Returns (images in [0, 1] as [B, 3, H, W], seeds). A request whose sampling
+    or decoding comes out non-finite raises SDTorchError rather than return a black image."""
+    if not isinstance(req, Request):
+        raise SDTorchError(f"expected a generation.Request, got {type(req).__name__}")
+    req.validate(limits, model.config)
+    for name, t, channels in (("source", source, 3), ("mask", mask, 1)):
+        shape = (1, channels, req.height, req.width)
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise SDTorchError(f"{name} must be a tensor of shape {list(shape)}, got {got}")
+    if mask is not None and source is None:
+        raise SDTorchError("a mask needs a source image")
     unet, vae = model.unet, model.vae
     # The sampler's state is float32 whatever the network's dtype: on the variance-exploding axis x reaches
     # sigma_max * 4 (over 500 for a linear schedule), and in fp16 a product like sigma * x overflows (PLMS at
@@ -127,26 +304,32 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     seeds = [seed + i for i in range(req.batch_size)]
     images = []
     bar = tqdm(total=(len(sigmas) - 1) * len(seeds), desc="sampling", disable=not progress, unit="step")
-    for s in seeds:
-        g = torch.Generator().manual_seed(s)
-        noise = torch.randn(latent_shape, generator=g, dtype=torch.float32).to(device, dtype)
-        x = noise * init_noise_sigma(sigmas, req.sampler) if init is None else init + noise * sigmas[0]
-        den = guided
-        if latent_mask is not None and extra is None:
-            den = InpaintBlend(guided, init, latent_mask, noise)
-        if len(sigmas) > 1:
-            x = SAMPLERS[req.sampler](den, x, sigmas, extra_args={"context": cond, "uncond": uncond},
-                                      callback=lambda info: bar.update(1),
-                                      noise=PerImageNoise(g, latent_shape, dtype, device))
-        if latent_mask is not None and extra is None:
-            x = latent_mask * x + (1 - latent_mask) * init
-        images.append(decode(vae, x / scale))
-    bar.close()
+    try:
+        for s in seeds:
+            g = torch.Generator().manual_seed(s)
+            noise = torch.randn(latent_shape, generator=g, dtype=torch.float32).to(device, dtype)
+            x = noise * init_noise_sigma(sigmas, req.sampler) if init is None else init + noise * sigmas[0]
+            den = guided
+            if latent_mask is not None and extra is None:
+                den = InpaintBlend(guided, init, latent_mask, noise)
+            if len(sigmas) > 1:
+                x = SAMPLERS[req.sampler](den, x, sigmas, extra_args={"context": cond, "uncond": uncond},
+                                          callback=lambda info: bar.update(1),
+                                          noise=PerImageNoise(g, latent_shape, dtype, device))
+            if latent_mask is not None and extra is None:
+                x = latent_mask * x + (1 - latent_mask) * init
+            if not torch.isfinite(x).all():
+                raise SDTorchError(f"sampling produced NaN/inf latents (seed {s}, sampler {req.sampler}, {req.steps} "
+                                   f"steps, guidance {req.guidance:g}); nothing was written")
+            images.append(decode(vae, x / scale))
+    finally:
+        bar.close()
     return torch.cat(images), seeds
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode to [0, 1]; if reduced precision overflows to NaN/inf, decode again in fp32 and warn."""
+    """VAE decode to [0, 1]; if reduced precision overflows to NaN/inf, decode again in fp32 and warn.
+    An image that is still not finite raises SDTorchError (it would be saved as black)."""
     p = next(vae.parameters())
     device, dtype = p.device, p.dtype  # read now: .float() below converts p itself
     image = vae.decode(latents.to(device, dtype))
@@ -155,4 +338,6 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         vae.float()
         image = vae.decode(latents.float().to(device))
         vae.to(dtype)
+    if not torch.isfinite(image).all():
+        raise SDTorchError("the VAE decoded NaN/inf pixels from finite latents (in float32); nothing was written")
     return ((image.float() + 1) / 2).clamp(0, 1).cpu()

@@ -1,27 +1,136 @@
-"""Conversions between PIL images and tensors, with clear errors for unreadable files."""
+"""Conversions between PIL images and tensors, with clear errors for unreadable files.
+
+Every image sdtorch reads goes through `open_image`, which turns anything wrong with the file into one
+SDTorchError line naming it and converts every PIL mode the same way:
+
+- 16-bit and 32-bit integer grayscale ("I;16*", "I") is scaled from 0..65535 to 0..255 (PIL's own
+  conversion clips at 255, so a 16-bit image turns white); "F" (float) is read as 0..1 (NaN as 0);
+- transparency (RGBA, LA, palette with a transparent colour) is composited onto a background: white for
+  a source image (A1111's default img2img background), black for a mask (transparent = keep);
+- the EXIF orientation is applied, so the image is used the way viewers show it.
+"""
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import SDTorchError
+from .fileio import shown
+from .generation import Limits
+
+DEFAULT_MAX_PIXELS = Limits.max_image_pixels
+
+# What a malformed or truncated file raises inside PIL's decoders.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                  zlib.error)
+# PIL refuses a header that claims more than Image.MAX_IMAGE_PIXELS (about 89 M) before sdtorch's own
+# limit is checked; the default limit is below it, so both say the same.
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def open_image(image, mode: str = "RGB") -> Image.Image:
-    """A PIL image from a PIL image or a path; unreadable files raise SDTorchError naming the file."""
+def open_image(image, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A PIL image in `mode` ("RGB" or "L") from a PIL image or a path; any problem with the file is an
+    SDTorchError naming it."""
     if isinstance(image, Image.Image):
-        return image.convert(mode)
+        _check_pixels(image.size, "the image", max_pixels)
+        return _normalise(image, mode)
+    if not isinstance(image, (str, Path)):
+        raise SDTorchError(f"expected an image path or a PIL image, got {type(image).__name__}")
+    path = Path(image)
+    _check_regular(path)
     try:
-        with Image.open(Path(image)) as im:
-            return im.convert(mode)
-    except (FileNotFoundError, IsADirectoryError):
-        raise SDTorchError(f"{image}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise SDTorchError(f"{image}: unreadable image ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_pixels(im.size, shown(path), max_pixels)
+                im.load()
+                return _normalise(ImageOps.exif_transpose(im), mode)
+    except _BOMB as e:
+        raise SDTorchError(f"{shown(path)}: the image is too large to read ({_reason(e)})") from None
+    except _DECODE_ERRORS as e:
+        raise SDTorchError(f"{shown(path)}: unreadable image ({_reason(e)})") from None
+
+
+def read_text_chunk(image, key: str) -> str | None:
+    """The PNG text chunk `key` of an image file (e.g. A1111's "parameters"), or None."""
+    path = Path(image)
+    _check_regular(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # text chunks after the image data are read with it
+                text = im.info.get(key)
+    except _BOMB as e:
+        raise SDTorchError(f"{shown(path)}: the image is too large to read ({_reason(e)})") from None
+    except _DECODE_ERRORS as e:
+        raise SDTorchError(f"{shown(path)}: unreadable image ({_reason(e)})") from None
+    if text is not None and not isinstance(text, str):
+        text = bytes(text).decode("utf-8", "replace")
+    return text
+
+
+def _check_regular(path: Path) -> None:
+    """A file to read exists and is a regular file (a FIFO or device would block or never end)."""
+    if not path.exists():
+        raise SDTorchError(f"{shown(path)}: no such image file")
+    if path.is_dir():
+        raise SDTorchError(f"{shown(path)}: is a folder, not an image file")
+    if not path.is_file():
+        raise SDTorchError(f"{shown(path)}: not a regular file")
+
+
+def _check_pixels(size, name: str, max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise SDTorchError(f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
+                           "(SDTORCH_MAX_IMAGE_PIXELS)")
+    if w < 1 or h < 1:
+        raise SDTorchError(f"{name}: the image is empty ({w}x{h})")
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if text.isprintable() else repr(text)
+
+
+def _normalise(im: Image.Image, mode: str) -> Image.Image:
+    """8-bit `mode` ("RGB" or "L") from any PIL mode (see the module docstring)."""
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        a = np.asarray(im.convert("I"), dtype=np.float64)
+        im = Image.fromarray((a.clip(0, 65535) / 257).round().astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    elif im.mode == "La":
+        im = im.convert("LA")
+    elif (im.mode == "P" and "transparency" in im.info) or im.mode in ("PA", "RGBa"):
+        im = im.convert("RGBA")
+    elif im.mode in ("1", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    if im.mode in ("LA", "RGBA"):
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255) if mode == "L" else (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    if im.mode not in ("L", "RGB", "RGBA"):
+        raise SDTorchError(f"unsupported image mode {im.mode!r}")
+    return im.convert(mode)
+
+
+def open_pair(image, mask, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Image]:
+    """(RGB source, L mask) of the same size, for inpainting."""
+    source, mask_img = open_image(image, max_pixels=max_pixels), open_image(mask, "L", max_pixels)
+    if source.size != mask_img.size:
+        where = f"{shown(mask)}: " if isinstance(mask, (str, Path)) else ""
+        raise SDTorchError(f"{where}mask size {mask_img.size[0]}x{mask_img.size[1]} does not match image size "
+                           f"{source.size[0]}x{source.size[1]}")
+    return source, mask_img
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -41,11 +150,25 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def check_padding(size, pads, max_side: int) -> tuple[int, int]:
+    """The canvas size after outpaint padding `pads` = (left, top, right, bottom), checked before any
+    pixel is allocated: every pad an integer in [0, max_side], the new sides within max_side."""
+    for p in pads:
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= max_side:
+            raise SDTorchError(f"outpaint padding must be non-negative integers of at most {max_side} pixels, "
+                               f"got {tuple(pads)}")
+    left, top, right, bottom = pads
+    width, height = size[0] + left + right, size[1] + top + bottom
+    if max(width, height) > max_side:
+        raise SDTorchError(f"outpaint: the padded image would be {width}x{height}, a side over the limit of "
+                           f"{max_side} pixels (SDTORCH_MAX_SIDE)")
+    return width, height
+
+
 def pad_for_outpaint(image: Image.Image, left: int = 0, top: int = 0, right: int = 0,
-                     bottom: int = 0) -> tuple[Image.Image, Image.Image]:
+                     bottom: int = 0, max_side: int = Limits.max_side) -> tuple[Image.Image, Image.Image]:
     """Extend the canvas by repeating the edge pixels; the mask is white over the new area only."""
-    if min(left, top, right, bottom) < 0:
-        raise SDTorchError(f"outpaint padding must be non-negative, got {(left, top, right, bottom)}")
+    check_padding(image.size, (left, top, right, bottom), max_side)
     a = np.asarray(image.convert("RGB"))
     padded = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.full(padded.shape[:2], 255, dtype=np.uint8)

@@ -24,9 +24,14 @@ A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "euler": "Euler",
 SDTORCH_NAMES = {v: k for k, v in A1111_NAMES.items()}
 
 
+MAX_HASH_BYTES = 64 << 30  # larger than any Stable Diffusion checkpoint; bounds the work of hashing
+
+
 def model_hash(path) -> str:
     """A1111's "AutoV2" hash: the first 10 hex digits of the file's SHA-256 (for a diffusers folder,
-    of its UNet weights file)."""
+    of its UNet weights file). Only a regular file of at most MAX_HASH_BYTES is hashed (a device such as
+    /dev/zero or a FIFO would never end), and no more than its size is read."""
+    from .fileio import shown
     from .pipeline import builtin_path
 
     path = builtin_path(str(path)) or Path(path)
@@ -34,10 +39,22 @@ def model_hash(path) -> str:
         from .checkpoints.diffusers_folder import weight_file
 
         path = weight_file(path, "unet")
+    if not path.exists():
+        raise SDTorchError(f"{shown(path)}: no such model file or folder")
+    if not path.is_file():
+        raise SDTorchError(f"{shown(path)}: not a regular file or a folder, so not a model")
+    size = path.stat().st_size
+    if size > MAX_HASH_BYTES:
+        raise SDTorchError(f"{shown(path)}: {size} bytes, larger than any model ({MAX_HASH_BYTES} bytes at most)")
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        left = size
+        while left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
             h.update(block)
+            left -= len(block)
     return h.hexdigest()[:10]
 
 
@@ -59,7 +76,9 @@ _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def parse(text: str) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, fields) from a parameters text."""
+    """(prompt, negative prompt, fields) from a parameters text; a malformed one is an SDTorchError."""
+    if not isinstance(text, str):
+        raise SDTorchError("the PNG parameters text is not text")
     *head, last = text.strip().split("\n")
     if not _FIELD.match(last) or "Steps:" not in last:
         raise SDTorchError("the PNG parameters text has no 'Steps: ...' line (not written by sdtorch or A1111)")
@@ -71,5 +90,10 @@ def parse(text: str) -> tuple[str, str, dict[str, str]]:
     fields = {}
     for m in _FIELD.finditer(last):
         key, value = m.group(1).strip(), m.group(2).strip()
-        fields[key] = json.loads(value) if value.startswith('"') else value
+        try:
+            fields[key] = json.loads(value) if value.startswith('"') else value
+        except ValueError:
+            raise SDTorchError(f"the PNG parameters text has a malformed quoted value for {key!r}") from None
+        if not isinstance(fields[key], str):
+            raise SDTorchError(f"the PNG parameters text has a malformed quoted value for {key!r}")
     return "\n".join(prompt_lines), "\n".join(negative_lines), fields

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -66,34 +67,40 @@ class StableDiffusion:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
 
     def save_diffusers(self, folder, dtype=None) -> Path:
-        path = checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype))
-        if self.defaults:
-            (path / DEFAULTS_FILE).write_text(json.dumps(self.defaults, indent=2) + "\n")
-        return path
+        """Write a diffusers folder with the model's generation defaults, whole or not at all. An existing
+        `folder` is replaced only if it is empty or a model folder (see `checkpoints.save_diffusers`)."""
+        extra = {DEFAULTS_FILE: json.dumps(self.defaults, indent=2) + "\n"} if self.defaults else None
+        return checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype), extra)
 
     def save_single_file(self, path, dtype=None) -> Path:
-        return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype))
+        """Write one original-layout `.safetensors` (a file there is replaced atomically)."""
+        return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype), self.tokenizer)
 
-    def _run(self, prompt, source, mask, output_type, progress, **kw):
+    def _run(self, prompt, source, mask, output_type, progress, limits=None, **kw):
         from . import generation, images
 
+        if output_type not in ("pil", "tensor"):
+            raise SDTorchError(f"output_type must be 'pil' or 'tensor', got {output_type!r}")
+        limits = generation.Limits.of(limits)
         c = self.config
         for key in GENERATION_DEFAULTS:
             if kw.get(key) is None:
                 kw[key] = self.default(key)
-        if kw.get("width") is None:
-            kw["width"] = c.sample_size if source is None else source.shape[-1]
-        if kw.get("height") is None:
-            kw["height"] = c.sample_size if source is None else source.shape[-2]
+        if source is None:
+            kw["width"] = c.sample_size if kw.get("width") is None else kw["width"]
+            kw["height"] = c.sample_size if kw.get("height") is None else kw["height"]
+        else:
+            kw["width"], kw["height"] = generation.size_for_image(source.shape[-1], source.shape[-2], kw.get("width"),
+                                                                  kw.get("height"))
         kw = {k: v for k, v in kw.items() if v is not None or k == "seed"}
-        req = generation.Request(prompt=prompt, **kw)
-        req.validate()
+        req = generation.make_request(prompt=prompt, **kw)
+        req.validate(limits, c)
         if source is not None and tuple(source.shape[-2:]) != (req.height, req.width):
             # A requested size other than the image's: resize the image (and mask) to it, as A1111 does.
             source = F.interpolate(source, size=(req.height, req.width), mode="bicubic", align_corners=False)
             if mask is not None:
                 mask = F.interpolate(mask, size=(req.height, req.width), mode="nearest")
-        out, seeds = generation.generate(self, req, source, mask, progress=progress)
+        out, seeds = generation.generate(self, req, source, mask, progress=progress, limits=limits)
         self.last_seeds = seeds
         return out if output_type == "tensor" else images.to_pil(out)
 
@@ -101,7 +108,8 @@ class StableDiffusion:
                 height: int | None = None, steps: int | None = None, guidance: float | None = None,
                 sampler: str | None = None, seed: int | None = None, batch_size: int = 1, output_type: str = "pil",
                 progress: bool = False, **opts):
-        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale. Seeds: seed, seed + 1, ...
+        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale, and `limits` (a
+        generation.Limits; bad values raise SDTorchError). Seeds: seed, seed + 1, ...
         steps, guidance and sampler left as None take the model's defaults (`self.default`)."""
         return self._run(prompt, None, None, output_type, progress, negative_prompt=negative_prompt, width=width,
                          height=height, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
@@ -109,29 +117,31 @@ class StableDiffusion:
 
     def img2img(self, image, prompt: str, *, strength: float = 0.75, output_type: str = "pil",
                 progress: bool = False, **kw):
-        """Start from `image` (PIL or path) noised to the level `strength` selects, then denoise."""
-        from . import images
+        """Start from `image` (PIL or path) noised to the level `strength` selects, then denoise. Without
+        width and height the image's own size is used, rounded down to a multiple of 8."""
+        from . import generation, images
 
-        source = images.to_tensor(images.open_image(image))
+        limits = generation.Limits.of(kw.get("limits"))
+        source = images.to_tensor(images.open_image(image, max_pixels=limits.max_image_pixels))
         return self._run(prompt, source, None, output_type, progress, strength=strength, **kw)
 
     def inpaint(self, image, mask, prompt: str, *, output_type: str = "pil", progress: bool = False, **kw):
         """Repaint where `mask` is white; a 9-channel model gets the mask as input, others blend."""
-        from . import images
+        from . import generation, images
 
-        source_img, mask_img = images.open_image(image), images.open_image(mask, "L")
-        if source_img.size != mask_img.size:
-            raise SDTorchError(f"mask size {mask_img.size[0]}x{mask_img.size[1]} does not match image size "
-                               f"{source_img.size[0]}x{source_img.size[1]}")
+        limits = generation.Limits.of(kw.get("limits"))
+        source_img, mask_img = images.open_pair(image, mask, limits.max_image_pixels)
         return self._run(prompt, images.to_tensor(source_img), images.mask_to_tensor(mask_img), output_type,
                          progress, **kw)
 
     def outpaint(self, image, prompt: str, *, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
                  **kw):
         """Extend the image by the given pixels on each side: pad it, then inpaint the new area."""
-        from . import images
+        from . import generation, images
 
-        padded, mask = images.pad_for_outpaint(images.open_image(image), left, top, right, bottom)
+        limits = generation.Limits.of(kw.get("limits"))
+        padded, mask = images.pad_for_outpaint(images.open_image(image, max_pixels=limits.max_image_pixels),
+                                               left, top, right, bottom, max_side=limits.max_side)
         return self.inpaint(padded, mask, prompt, **kw)
 
     def summary(self) -> str:
@@ -159,9 +169,10 @@ def check_defaults(defaults: dict, where: str) -> dict:
     steps, guidance, sampler = (defaults.get(k) for k in GENERATION_DEFAULTS)
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise SDTorchError(f"{where}: steps must be a positive integer, got {steps!r}")
-    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)):
-        raise SDTorchError(f"{where}: guidance must be a number, got {guidance!r}")
-    if sampler is not None and sampler not in SAMPLERS:
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
+                                 or not math.isfinite(guidance)):
+        raise SDTorchError(f"{where}: guidance must be a number (finite), got {guidance!r}")
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
         raise SDTorchError(f"{where}: unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     return dict(defaults)
 
@@ -172,8 +183,8 @@ def read_defaults(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
         raise SDTorchError(f"{path}: not readable JSON ({e})") from None
     return check_defaults(data, str(path))
 
@@ -193,6 +204,7 @@ def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -
         if config.lower() not in PRESETS:
             raise SDTorchError(f"unknown preset {config!r}; presets are {', '.join(PRESETS)}")
         config = PRESETS[config.lower()]
+    config.check_parts()
     torch.manual_seed(seed)
     with checkpoints.on_meta() if device == "meta" else torch.device(device or "cpu"):
         unet, vae, text = UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)

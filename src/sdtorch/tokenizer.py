@@ -35,6 +35,9 @@ import torch
 from .errors import CheckpointError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# The files a tokenizer folder may hold (ours and transformers'): a folder of these alone is replaced by `save`.
+TOKENIZER_FILES = {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json",
+                   "added_tokens.json"}
 _WHITESPACE = regex.compile(r"\s+")
 _CLIP_SPLIT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
@@ -60,12 +63,29 @@ def normalize(text: str) -> str:
     return "".join(map(str.lower, text))
 
 
+def _read_json(path: Path):
+    """A JSON file's value; anything unreadable as UTF-8 JSON raises CheckpointError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _json_object(path: Path) -> dict:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, not {type(data).__name__}")
+    return data
+
+
 def _json_token(folder: Path, key: str) -> str | None:
     """Read a token from special_tokens_map.json or tokenizer_config.json (a string or {"content": ...})."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
-            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            value = _json_object(path).get(key)
             if isinstance(value, dict):
                 value = value.get("content")
             if isinstance(value, str):
@@ -73,14 +93,24 @@ def _json_token(folder: Path, key: str) -> str | None:
     return None
 
 
+def _merge_pairs(lines, where: str) -> list[tuple[str, str]]:
+    """Merges from "a b" strings or [a, b] pairs; anything else is an error naming `where` and the entry."""
+    merges = []
+    for n, m in enumerate(lines, 1):
+        pair = tuple(m.split()) if isinstance(m, str) else tuple(m) if isinstance(m, list) else ()
+        if len(pair) != 2 or not all(isinstance(x, str) and x for x in pair):
+            raise CheckpointError(f"{where}: merge {n} is not a pair of tokens: {str(m)[:80]!r}")
+        merges.append(pair)
+    return merges
+
+
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges from an HF `tokenizers` file (merges as "a b" strings or [a, b] pairs)."""
-    try:
-        model = json.loads(path.read_text(encoding="utf-8"))["model"]
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return dict(model["vocab"]), merges
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a BPE tokenizer file ({e})") from None
+    model = _json_object(path).get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) \
+            or not isinstance(model.get("merges"), list):
+        raise CheckpointError(f"{path}: not a BPE tokenizer file (no model.vocab object and model.merges list)")
+    return model["vocab"], _merge_pairs(model["merges"], str(path))
 
 
 def _words(text: str):
@@ -117,15 +147,33 @@ def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
 
 
+def _check_vocabulary(vocab, merges, pad_token, max_length) -> None:
+    """CheckpointError unless every token BPE can produce has an id: a dict of token -> id (a non-negative
+    integer) holding bos, eos, the pad token, every byte alone and ending a word, and every merge's result."""
+    if not isinstance(vocab, dict):
+        raise CheckpointError(f"the vocabulary must be an object of token -> id, not {type(vocab).__name__}")
+    for token, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise CheckpointError(f"the vocabulary gives the token {token[:40]!r} the id {str(i)[:40]!r}, "
+                                  "not a non-negative integer")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 3:
+        raise CheckpointError(f"max length {str(max_length)[:40]!r} is not an integer of at least 3 "
+                              "(bos, a token, eos)")
+    if not isinstance(pad_token, str):
+        raise CheckpointError(f"the pad token {str(pad_token)[:40]!r} is not a string")
+    needed = [BOS, EOS, pad_token, *_BYTE_CHARS.values(), *(c + "</w>" for c in _BYTE_CHARS.values())]
+    for token in needed + ["".join(pair) for pair in merges]:
+        if token not in vocab:
+            raise CheckpointError(f"the vocabulary lacks the token {token!r}")
+
+
 class CLIPTokenizer:
     """Text -> CLIP token ids, padded to a fixed length; ids match `transformers.CLIPTokenizer`."""
 
     def __init__(
         self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS, max_length: int = 77
     ):
-        for token in (BOS, EOS, pad_token):
-            if token not in vocab:
-                raise CheckpointError(f"tokenizer vocabulary lacks the token {token!r}")
+        _check_vocabulary(vocab, merges, pad_token, max_length)
         self.vocab = dict(vocab)
         self.merges = [tuple(pair) for pair in merges]
         self.pad_token = pad_token
@@ -189,6 +237,13 @@ class CLIPTokenizer:
         return cls(_clip_vocab(merges), merges)
 
     @classmethod
+    def _made(cls, where: str, vocab, merges, pad_token: str, max_length) -> CLIPTokenizer:
+        try:
+            return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+    @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
         """Load a diffusers/transformers tokenizer folder: vocab.json, merges.txt, special tokens json."""
         folder = Path(path)
@@ -197,28 +252,71 @@ class CLIPTokenizer:
         else:
             for name in ("vocab.json", "merges.txt"):
                 if not (folder / name).is_file():
-                    raise CheckpointError(f"tokenizer file not found: {folder / name}")
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+                    raise CheckpointError(f"{folder / name}: tokenizer file not found")
+            vocab = _json_object(folder / "vocab.json")
+            try:
+                lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{folder / 'merges.txt'}: not UTF-8 text "
+                                      f"({e.reason} at byte {e.start})") from None
+            lines = [line.strip() for line in lines if line.strip() and not line.startswith("#version")]
+            merges = _merge_pairs(lines, str(folder / "merges.txt"))
         max_length = 77
         config = folder / "tokenizer_config.json"
         if config.is_file():
-            value = json.loads(config.read_text(encoding="utf-8")).get("model_max_length")
-            max_length = value if isinstance(value, int) and 2 < value < 100_000 else 77
-        return cls(vocab, merges, pad_token=_json_token(folder, "pad_token") or EOS, max_length=max_length)
+            value = _json_object(config).get("model_max_length", 77)
+            # transformers writes a huge number (1e30) when a tokenizer sets no limit: CLIP's 77 then
+            max_length = 77 if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 100_000 \
+                else value
+            if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 3:
+                raise CheckpointError(f"{config}: model_max_length = {repr(value)[:40]}: expected an integer of at "
+                                      "least 3 (bos, a token, eos)")
+        return cls._made(str(folder), vocab, merges, _json_token(folder, "pad_token") or EOS, max_length)
+
+    METADATA_KEY = "sdtorch_tokenizer"  # safetensors metadata entry that carries a tokenizer (`to_metadata`)
+
+    def to_metadata(self) -> dict[str, str]:
+        """A safetensors metadata entry holding this tokenizer, or {} for the bundled CLIP one (which every
+        reader falls back to): vocabulary, merges, pad token and row length as one JSON string."""
+        bundled = CLIPTokenizer.bundled(self.pad_token)
+        if (self.vocab, self.merges, self.max_length) == (bundled.vocab, bundled.merges, bundled.max_length):
+            return {}
+        data = {"vocab": self.vocab, "merges": [f"{a} {b}" for a, b in self.merges], "pad_token": self.pad_token,
+                "max_length": self.max_length}
+        return {self.METADATA_KEY: json.dumps(data, ensure_ascii=False)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], where: str) -> CLIPTokenizer | None:
+        """The tokenizer `to_metadata` stored in a file's metadata, or None if there is none."""
+        raw = metadata.get(cls.METADATA_KEY)
+        if raw is None:
+            return None
+        where = f"{where}: {cls.METADATA_KEY} metadata"
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{where} is not JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("merges"), list):
+            raise CheckpointError(f"{where}: expected an object with vocab, merges, pad_token and max_length")
+        return cls._made(where, data.get("vocab"), _merge_pairs(data["merges"], where), data.get("pad_token", EOS),
+                         data.get("max_length", 77))
 
     def save(self, folder: str | Path) -> None:
-        """Write the folder layout that `transformers.CLIPTokenizer.from_pretrained` reads."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
-        merges = "".join(f"{a} {b}\n" for a, b in self.merges)
-        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+        """Write the folder layout that `transformers.CLIPTokenizer.from_pretrained` reads, built under a
+        temporary name and renamed into place. An existing `folder` is replaced as a whole only when it is
+        empty or holds tokenizer files alone (`TOKENIZER_FILES`); anything else there is refused."""
+        from .fileio import atomic_folder, check_folder_destination
+
+        folder = check_folder_destination(folder, what="a tokenizer folder (only tokenizer files)",
+                                          replaceable=lambda f: all(p.name in TOKENIZER_FILES for p in f.iterdir()))
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
-        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        with atomic_folder(folder) as tmp:
+            (tmp / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+            merges = "".join(f"{a} {b}\n" for a, b in self.merges)
+            (tmp / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+            (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     @property
     def bos_id(self) -> int:

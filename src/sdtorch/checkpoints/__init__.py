@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, ModelConfig
+from ..config import PRESETS, ConfigError, ModelConfig
 from ..errors import CheckpointError
+from ..fileio import atomic_folder, check_file_destination, check_folder_destination, shown
 from ..models import AutoencoderKL, CLIPTextModel, UNet
 from ..tokenizer import CLIPTokenizer
 from . import detect, diffusers_folder, keymaps
@@ -68,6 +69,7 @@ def _read_folder(path, dtype, prediction_type, config, strict):
     folder_config = diffusers_folder.read_config(path)
     how = "scheduler/scheduler_config.json" if (path / "scheduler" / "scheduler_config.json").is_file() else "default"
     config = config or folder_config
+    _check_parts(config, str(path))
     if prediction_type:
         config, how = config.replace(prediction_type=prediction_type), "set by caller"
     report.detected = {"family": (config.family, "from the text encoder config"),
@@ -84,7 +86,13 @@ def _read_folder(path, dtype, prediction_type, config, strict):
         report.unexpected += [f"{name}/{k}" for k in sd if k not in used and not k.endswith("position_ids")]
     check(report, strict)
     tok_dir = path / "tokenizer"
-    tokenizer = CLIPTokenizer.from_folder(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.bundled(config.pad_token)
+    if tok_dir.is_dir():
+        tokenizer = CLIPTokenizer.from_folder(tok_dir)
+        check_tokenizer(tokenizer, config, f"{tok_dir}: the tokenizer")
+    else:
+        tokenizer = CLIPTokenizer.bundled(config.pad_token)
+        check_tokenizer(tokenizer, config,
+                        f"{path}: the folder has no tokenizer/, so the bundled CLIP one is used, and")
     return config, modules, tokenizer, report
 
 
@@ -92,13 +100,14 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     sd = read_state_dict(path)
     report = LoadReport(str(path), "original")
     family = detect.detect_family(sd)
-    meta_config = detect.config_from_metadata(sd.metadata)
+    meta_config = detect.config_from_metadata(sd.metadata, str(path))
     if config is not None:
         how = "set by caller"
     elif meta_config is not None:
         config, how = meta_config, "sdtorch_config in the file's metadata"
     else:
         config, how = detect.infer_config(sd, family), "inferred from tensor shapes and the family's head rule"
+    _check_parts(config, f"{path}: {how}")
     report.detected["family"] = (family, "text encoder keys")
     report.detected["architecture"] = (f"UNet {config.unet.block_channels} x{config.unet.layers_per_block}, "
                                        f"context {config.unet.context_dim}", how)
@@ -136,7 +145,35 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
         pred, phow = ("v_prediction" if v else "epsilon"), "rule: SD2 UNet probe at t=999 (override with prediction_type)"
     config = config.replace(prediction_type=pred)
     report.detected["prediction_type"] = (pred, phow)
-    return config, modules, CLIPTokenizer.bundled(config.pad_token), report
+    tokenizer = CLIPTokenizer.from_metadata(sd.metadata, str(path))
+    if tokenizer is None:
+        tokenizer = CLIPTokenizer.bundled(config.pad_token)
+        check_tokenizer(tokenizer, config, f"{path}: the file carries no tokenizer, so the bundled CLIP one is used, "
+                        "and", "; convert the model's diffusers folder with this sdtorch (it stores its tokenizer), "
+                        "or load the folder")
+    else:
+        check_tokenizer(tokenizer, config, f"{path}: its tokenizer")
+    return config, modules, tokenizer, report
+
+
+def _check_parts(config: ModelConfig, where: str) -> None:
+    """CheckpointError naming `where` unless the config's networks fit together (ModelConfig.check_parts)."""
+    try:
+        config.check_parts()
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: the networks do not fit together: {e}") from None
+
+
+def check_tokenizer(tokenizer: CLIPTokenizer, config: ModelConfig, where: str, hint: str = "") -> None:
+    """Refuse a tokenizer whose ids index past the text encoder's token table, or whose rows are longer
+    than its position table (either would fail, or read garbage, at the first prompt)."""
+    top = max(tokenizer.vocab.values())
+    if top >= config.text.vocab_size:
+        raise CheckpointError(f"{where} gives token ids up to {top}, beyond the text encoder's "
+                              f"{config.text.vocab_size} token embeddings{hint}")
+    if tokenizer.max_length > config.text.max_positions:
+        raise CheckpointError(f"{where} makes rows of {tokenizer.max_length} tokens, more than the text encoder's "
+                              f"{config.text.max_positions} positions{hint}")
 
 
 def _state(module: torch.nn.Module, dtype) -> dict[str, torch.Tensor]:
@@ -144,11 +181,15 @@ def _state(module: torch.nn.Module, dtype) -> dict[str, torch.Tensor]:
             for k, v in module.state_dict().items()}
 
 
-def save_single_file(modules: dict, config: ModelConfig, path, dtype=None) -> Path:
-    """Write one `.safetensors` in the original CompVis layout (what AUTOMATIC1111 and ComfyUI load)."""
+def save_single_file(modules: dict, config: ModelConfig, path, dtype=None,
+                     tokenizer: CLIPTokenizer | None = None) -> Path:
+    """Write one `.safetensors` in the original CompVis layout (what AUTOMATIC1111 and ComfyUI load).
+    A tokenizer other than the bundled CLIP one is stored in the metadata (`CLIPTokenizer.to_metadata`).
+    The destination is checked before any tensor is converted; a file there is replaced atomically."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: single files are written as .safetensors only (pickles can run code)")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{shown(path)}: single files are written as .safetensors only (pickles can run code)")
+    check_file_destination(path)
     out: dict[str, torch.Tensor] = {}
     for name in FACTORIES:
         state = _state(modules[name], dtype)
@@ -163,36 +204,69 @@ def save_single_file(modules: dict, config: ModelConfig, path, dtype=None) -> Pa
                 out[src.key] = t
         out.update({k: torch.cat(chunks, dim=0) for k, chunks in parts.items()})
     meta = {"sdtorch_config": json.dumps(dataclasses.asdict(config)), "prediction_type": config.prediction_type,
-            "format": "pt"}
+            "format": "pt", **(tokenizer.to_metadata() if tokenizer is not None else {})}
     write_safetensors(out, path, metadata=meta)
     return path
 
 
-def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer, folder, dtype=None) -> Path:
-    """Write a diffusers folder that `diffusers.StableDiffusionPipeline.from_pretrained` opens."""
-    folder = Path(folder)
+def is_model_folder(folder: Path) -> bool:
+    """A diffusers pipeline folder (it holds model_index.json): what `save_diffusers` may replace."""
+    return (folder / "model_index.json").is_file()
+
+
+def is_vae_folder(folder: Path) -> bool:
+    """An AutoencoderKL folder (config.json beside its weights, no model_index.json): what `save_vae`
+    may replace."""
+    return ((folder / "config.json").is_file() and not is_model_folder(folder)
+            and any((folder / name).is_file() for name in diffusers_folder.WEIGHT_FILES["vae"]))
+
+
+def check_model_destination(folder) -> Path:
+    """`folder` can take a diffusers folder: see `save_diffusers`."""
+    return check_folder_destination(folder, replaceable=is_model_folder,
+                                    what="a diffusers model folder (no model_index.json)")
+
+
+def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer, folder, dtype=None,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write a diffusers folder that `diffusers.StableDiffusionPipeline.from_pretrained` opens.
+
+    The folder is built under a temporary name beside `folder` and renamed into place, so it appears
+    whole or not at all. An existing `folder` is replaced as a whole, but only when it is empty or a
+    model folder (it holds model_index.json); any other existing folder, or a file there, is refused
+    before any tensor is converted. (diffusers' save_pretrained writes into an existing folder and
+    keeps whatever else it holds, stale weights included; here the result holds exactly this model.)
+    `extra_files`: more files for the folder's top level, name -> text (e.g. the generation defaults).
+    """
+    folder = check_model_destination(folder)
     configs = diffusers_folder.component_configs(config)
-    for name in FACTORIES:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        state = _state(modules[name], dtype)
-        if name == "text_encoder":
-            state = {"text_model." + k: v for k, v in state.items()}
-        (folder / name / "config.json").write_text(json.dumps(configs[name], indent=2))
-        write_safetensors(state, folder / name / diffusers_folder.WEIGHT_FILES[name][0], metadata={"format": "pt"})
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
-    tokenizer.save(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
+    with atomic_folder(folder) as tmp:
+        for name in FACTORIES:
+            (tmp / name).mkdir()
+            state = _state(modules[name], dtype)
+            if name == "text_encoder":
+                state = {"text_model." + k: v for k, v in state.items()}
+            (tmp / name / "config.json").write_text(json.dumps(configs[name], indent=2))
+            write_safetensors(state, tmp / name / diffusers_folder.WEIGHT_FILES[name][0], metadata={"format": "pt"})
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
+        tokenizer.save(tmp / "tokenizer")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
     return folder
 
 
 def save_vae(vae: AutoencoderKL, folder, sample_size: int) -> Path:
-    """Write an autoencoder alone as diffusers' AutoencoderKL folder (`config.json` + weights)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write an autoencoder alone as diffusers' AutoencoderKL folder (`config.json` + weights), built
+    under a temporary name and renamed into place. An existing `folder` is replaced as a whole only
+    when it is empty or such a folder (`is_vae_folder`); anything else there is refused first."""
+    folder = check_folder_destination(folder, replaceable=is_vae_folder,
+                                      what="an autoencoder folder (config.json and its weights)")
     config = ModelConfig(family="sd1", vae=vae.config, sample_size=sample_size)
-    (folder / "config.json").write_text(json.dumps(diffusers_folder.component_configs(config)["vae"], indent=2))
-    write_safetensors(_state(vae, None), folder / diffusers_folder.WEIGHT_FILES["vae"][0], metadata={"format": "pt"})
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(diffusers_folder.component_configs(config)["vae"], indent=2))
+        write_safetensors(_state(vae, None), tmp / diffusers_folder.WEIGHT_FILES["vae"][0], metadata={"format": "pt"})
     return folder
 
 
@@ -201,7 +275,7 @@ def load_vae(path, dtype=None) -> AutoencoderKL:
     opens (a diffusers folder or a single file)."""
     path = Path(path)
     if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
-        cfg = diffusers_folder.vae_config(json.loads((path / "config.json").read_text()))
+        cfg = diffusers_folder.vae_config(diffusers_folder.read_json(path / "config.json"), path / "config.json")
         sd = read_state_dict(path / diffusers_folder.WEIGHT_FILES["vae"][0])
         sources = {k: Source(k) for k in _keys("vae", ModelConfig(family="sd1", vae=cfg))}
         vae, report = load_component("vae", lambda: AutoencoderKL(cfg), sources, sd, dtype, True)

@@ -9,6 +9,9 @@ we register inert stand-in classes under the exact names the file asks for, afte
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -98,32 +101,95 @@ def _inert_class(qualified: str) -> type:
                            "__init__": lambda self, *a, **k: None})
 
 
-def _torch_load(path: Path, kind: str) -> object:
-    mmap = kind == "zip"  # memory-map zip checkpoints: no second copy of the weights in RAM
+def _pickle_globals(path: Path, pickles: int = 5) -> list[str]:
+    """The `module.name` of every global the first `pickles` pickles of a legacy (non-zip) file import,
+    read by decoding opcodes only (pickletools runs nothing). A legacy torch file holds five pickles before
+    its raw tensor bytes; a plain pickle holds one. STACK_GLOBAL (protocol 4) takes the two strings pushed
+    before it, directly or through the memo."""
+    found, memo, recent = [], {}, [None, None]  # recent: the last two values pushed (None: not a string)
+    with open(path, "rb") as f:
+        for _ in range(pickles):
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    pushed = None
+                    if op.name in ("GLOBAL", "INST"):  # protocol 2 names Python 3's builtins "__builtin__"
+                        found.append(re.sub(r"^__builtin__ ", "builtins ", arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and None not in recent:
+                        found.append(".".join(recent))
+                    elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                        pushed = arg
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "FRAME"):
+                        if op.name != "FRAME":
+                            memo[len(memo) if op.name == "MEMOIZE" else arg] = recent[-1]
+                        continue  # these push nothing
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed = memo.get(arg)
+                    recent = [recent[-1], pushed]
+            except (ValueError, EOFError, UnicodeDecodeError):  # past the last pickle: raw bytes or the end
+                break
+            if not f.peek(1):
+                break
+    return list(dict.fromkeys(g for g in found if not g.startswith("torch.") and g != "collections.OrderedDict"))
+
+
+def _unsafe_globals(path: Path, kind: str) -> list[str]:
+    """The globals of a pickle that torch's weights-only unpickler does not allow by default."""
+    if kind != "zip":
+        return _pickle_globals(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return []
+
+
+def _refusal(path: Path, wanted: list[str], error: Exception) -> CheckpointError:
+    """Why the weights-only unpickler refused `path`, naming the callables it asked for."""
+    if wanted:
+        return CheckpointError(f"{path}: refused: the pickle asks for {', '.join(wanted)[:300]}; only weights "
+                               "are loaded from .ckpt files (no code runs). Convert it to .safetensors with a "
+                               "trusted tool.")
+    # No foreign callable: say what torch's loader met (its message also repeats advice we do not give).
+    details = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if "Unsupported" in ln]
+    reason = f" ({details[0][:200]})" if details else ""
+    return CheckpointError(f"{path}: refused: the pickle holds more than weights{reason}; only weights are loaded "
+                           "from .ckpt files (no code runs). Convert it to .safetensors with a trusted tool.")
+
+
+def _torch_load(path: Path, kind: str, mmap: bool | None = None) -> object:
+    if mmap is None:
+        mmap = kind == "zip"  # memory-map zip checkpoints: no second copy of the weights in RAM
+    with warnings.catch_warnings():  # torch warns of pickle protocols it was not written for; we report errors
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
-            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:
-            wanted = []
-        inert = [g for g in wanted if g.startswith(INERT_GLOBAL_PREFIXES)]
-        if not wanted or len(inert) != len(wanted):
-            refused = [g for g in wanted if g not in inert] or [str(e).splitlines()[0]]
-            raise CheckpointError(
-                f"{path}: refused: the pickle asks for {', '.join(refused)}; only weights are loaded "
-                "from .ckpt files (no code runs). Convert it to .safetensors with a trusted tool.") from None
-        with torch.serialization.safe_globals([_inert_class(g) for g in inert]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            wanted = _unsafe_globals(path, kind)
+            inert = [g for g in wanted if g.startswith(INERT_GLOBAL_PREFIXES)]
+            if not wanted or len(inert) != len(wanted):
+                raise _refusal(path, [g for g in wanted if g not in inert], e) from None
+            with torch.serialization.safe_globals([_inert_class(g) for g in inert]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def _read_torch(path: Path, kind: str) -> StateDict:
+def load_weights_only(path: Path, mmap: bool | None = None) -> object:
+    """What a PyTorch file (zip or legacy pickle) holds, read with the weights-only unpickler (see the
+    module doc); refused, corrupt or truncated files raise CheckpointError naming the file. `mmap`
+    defaults to memory-mapping zip files."""
+    path = Path(path)
+    kind = _sniff(path)
+    if kind not in ("zip", "pickle"):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file)")
     try:
-        obj = _torch_load(path, kind)
+        return _torch_load(path, kind, mmap)
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint ({reason})") from None
+
+
+def _read_torch(path: Path, kind: str) -> StateDict:
+    obj = load_weights_only(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -136,10 +202,10 @@ def _read_torch(path: Path, kind: str) -> StateDict:
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a .safetensors file through a temporary file and an atomic rename."""
+    """Write tensors to a .safetensors file through a temporary file and an atomic rename (`fileio`)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    from ..fileio import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -13,6 +13,7 @@ training data; teal (0,150,150) is reserved and appears only when asked for.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,16 +97,45 @@ def random_scene(rng: random.Random, two: bool | None = None, colors=tuple(COLOR
     return Scene(tuple(objects), background)
 
 
+MIN_SIZE, MAX_SIZE = 16, 1024  # canvas side: a small shape is 4 px at 16; 1024 renders a 4096 px supersample
+
+
+def check_make_shapes(count, seed, size) -> None:
+    """make-shapes' numbers, before any file is written: integers, at least one image, a supported size."""
+    from ..errors import SDTorchError
+
+    for name, value in (("count", count), ("seed", seed), ("size", size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SDTorchError(f"--{name} must be an integer, got {value!r}")
+    if count < 1:
+        raise SDTorchError(f"--count must be at least 1, got {count}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise SDTorchError(f"--size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
+
+
 def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: bool = True) -> Path:
     """Write `count` images with same-name caption files (the trainers' image-folder format): half with
-    one object, half with two, no held-out pair, no teal. Deterministic for a seed."""
+    one object, half with two, no held-out pair, no teal. Deterministic for a seed.
+
+    The folder is built under a temporary name and renamed into place, whole or not at all. An existing
+    `folder` is replaced as a whole only when it is empty or an earlier make-shapes dataset (files named
+    NNNNNN.png and NNNNNN.txt alone); any other folder is refused before anything is rendered."""
     from tqdm.auto import tqdm
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from ..fileio import atomic_folder, check_folder_destination
+
+    check_make_shapes(count, seed, size)
+    folder = check_folder_destination(folder, replaceable=is_shapes_dataset,
+                                      what="a make-shapes dataset (only NNNNNN.png and NNNNNN.txt files)")
     rng = random.Random(seed)
-    for i in tqdm(range(count), desc="make-shapes", disable=not progress):
-        scene = random_scene(rng, two=i % 2 == 1)
-        render(scene, size, rng).save(folder / f"{i:06d}.png")
-        (folder / f"{i:06d}.txt").write_text(scene.caption() + "\n")
+    with atomic_folder(folder) as tmp:
+        for i in tqdm(range(count), desc="make-shapes", disable=not progress):
+            scene = random_scene(rng, two=i % 2 == 1)
+            render(scene, size, rng).save(tmp / f"{i:06d}.png")
+            (tmp / f"{i:06d}.txt").write_text(scene.caption() + "\n")
     return folder
+
+
+def is_shapes_dataset(folder: Path) -> bool:
+    """A folder `make_shapes` wrote: numbered images and captions, nothing else."""
+    return all(p.is_file() and re.fullmatch(r"\d{6}\.(png|txt)", p.name) for p in folder.iterdir())

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import checkpoints
 from ..errors import SDTorchError
 from ..models import AutoencoderKL
-from . import common, losses
+from . import checks, common, losses
 from .data import ImageCaptionDataset, collate
 
 
@@ -58,9 +58,38 @@ class VAETrainArgs:
     log_every: int = 10
     val_every: int = 100
     checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    resume: bool = False
+    keep_checkpoints: int = 3  # the newest checkpoints kept on disk, at least 1
+    resume: bool = False  # continue from the run folder's latest checkpoint; an error if there is none
+    resume_or_start: bool = False  # resume if the run folder has a checkpoint, else start a new run
     progress: bool = True
+
+    def check(self) -> None:
+        """Every field's type and range, and that the named files exist: a bad value is one line naming its
+        flag, before anything is loaded or written."""
+        checks.check_types(self)
+        checks.data_folder(self.data)
+        checks.new_folder(self.output)
+        checks.existing_path(self, "init", "lpips")
+        checks.at_least(self, 1, "batch_size", "max_steps", "log_every", "val_every", "checkpoint_every",
+                        "keep_checkpoints")
+        checks.at_least(self, 0, "warmup", "disc_start", "val_size")
+        checks.positive(self, "lr", "disc_lr", "clip_grad", "scaling_factor")
+        checks.non_negative(self, "edge_weight", "kl_weight", "lpips_weight", "disc_weight")
+        checks.one_of(self, "rec_loss", ("l1", "mse"))
+        checks.one_of(self, "disc_norm", ("group", "batch"))
+        # the PatchGAN's three stride-2 convolutions and two 4x4 ones need 24 px once it switches on
+        checks.resolution(self, "resolution", low=24 if self.disc_start < self.max_steps else 8)
+        checks.seed(self, "seed")
+        if self.logvar_init is not None and not -30 <= self.logvar_init <= 20:
+            checks.fail("logvar_init", "in [-30, 20] (the posterior's log-variance is clamped there)",
+                        self.logvar_init)
+        if self.decoder_only and not self.init:
+            raise SDTorchError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
+        if self.init and self.logvar_init is not None:
+            raise SDTorchError("--logvar-init sets a new autoencoder's starting posterior; with --init the trained "
+                               "one is kept, so leave out one of them")
+        if self.resume and self.resume_or_start:
+            raise SDTorchError("--resume and --resume-or-start: give one (--resume requires a checkpoint)")
 
 
 class Reconstruct(torch.nn.Module):
@@ -88,25 +117,24 @@ def _start_logvar_at(vae: AutoencoderKL, value: float) -> None:
 
 
 def train(args: VAETrainArgs) -> Path:
-    if args.decoder_only and not args.init:
-        raise SDTorchError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
-    if args.edge_weight < 0:
-        raise SDTorchError(f"--edge-weight must be 0 or more, got {args.edge_weight}")
-    if args.init and args.logvar_init is not None:
-        raise SDTorchError("--logvar-init sets a new autoencoder's starting posterior; with --init the trained "
-                           "one is kept, so leave out one of them")
+    """Train as `args` says; returns the autoencoder folder. Every input (arguments, data, --init, the
+    checkpoint to resume) is checked and read before the run folder is created."""
+    args.check()
+    config = common.load_config(args.config).vae
     dist = common.init_distributed()
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    state = checks.resume_state(args, out / "checkpoints")
     dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
                                   random_flip=args.random_flip, seed=args.seed)
     val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
+    init = checkpoints.load_vae(args.init, torch.float32) if args.init else None
+    out.mkdir(parents=True, exist_ok=True)  # every input is good: the run folder may be made
 
     torch.manual_seed(args.seed)
-    if args.init:
-        vae = checkpoints.load_vae(args.init, torch.float32)
+    if init is not None:
+        vae = init
     else:
-        vae = AutoencoderKL(common.load_config(args.config).vae)
+        vae = AutoencoderKL(config)
         if args.logvar_init is not None:
             _start_logvar_at(vae, args.logvar_init)
     vae.train().requires_grad_(True)
@@ -123,13 +151,10 @@ def train(args: VAETrainArgs) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
 
     step, epoch, batch_pos = 0, 0, 0
-    state = common.load_latest(out / "checkpoints") if args.resume else None
     if state is not None:
-        vae.load_state_dict(state["vae"])
-        disc.load_state_dict(state["disc"])
-        opt.load_state_dict(state["optimizer"])
-        opt_d.load_state_dict(state["disc_optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        for target, key in ((vae, "vae"), (disc, "disc"), (opt, "optimizer"), (opt_d, "disc_optimizer"),
+                            (sched, "scheduler")):
+            state.restore(target, key)
         common.set_rng_state(state["rng"])
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
     log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None

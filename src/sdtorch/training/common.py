@@ -67,15 +67,24 @@ def epoch_batches(n: int, batch: int, epoch: int, seed: int, dist: Dist) -> list
 def load_config(spec: str):
     """A ModelConfig from a preset name or a JSON file (as `sdtorch info` prints and train writes)."""
     from ..checkpoints.detect import config_from_json
-    from ..config import PRESETS
+    from ..config import PRESETS, ConfigError
     from ..errors import SDTorchError
 
     if spec.lower() in PRESETS:
         return PRESETS[spec.lower()]
+    path = Path(spec)
+    if not path.is_file():
+        raise SDTorchError(f"{spec}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON file")
     try:
-        return config_from_json(json.loads(Path(spec).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SDTorchError(f"{spec}: not a preset ({', '.join(PRESETS)}) or a ModelConfig JSON ({e})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SDTorchError(f"{spec}: not a readable ModelConfig JSON file ({e})") from None
+    config = config_from_json(data, spec)
+    try:
+        config.check_parts()
+    except ConfigError as e:
+        raise SDTorchError(f"{spec}: the networks do not fit together: {e}") from None
+    return config
 
 
 def split(dataset, data: str, val_size: int, batch_size: int, seed: int, dist: Dist) -> tuple[list[int], list[int]]:
@@ -190,27 +199,108 @@ def require_compiler() -> None:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
-    """Write `ckpt-STEP.pt` through a temporary file and a rename, then point `latest` at it (also
-    atomically), then keep only the newest `keep`. A kill at any moment leaves `latest` complete."""
+    """Write `ckpt-STEP.pt` under a unique temporary name and rename it into place (flushed to disk), then
+    point `latest` at it the same way, then prune. A kill at any moment leaves `latest` naming a complete
+    checkpoint. Pruning keeps the one just written (the one `latest` names) and the `keep` - 1 others of
+    highest step, and removes temporary files an earlier killed write left."""
+    from ..errors import SDTorchError
+    from ..fileio import atomic_file, write_text
+
+    if keep < 1:
+        raise SDTorchError(f"--keep-checkpoints must be at least 1 (the checkpoint `latest` names), got {keep}")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{step:08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    pointer = folder / ".latest.tmp"
-    pointer.write_text(path.name)
-    os.replace(pointer, folder / "latest")
-    for old in sorted(p for p in folder.iterdir() if CKPT.match(p.name))[:-keep]:
+    with atomic_file(path, durable=True) as tmp:
+        torch.save(state, tmp)
+    write_text(folder / "latest", path.name, durable=True)
+    others = sorted((p for p in folder.iterdir() if CKPT.match(p.name) and p.name != path.name),
+                    key=lambda p: int(CKPT.match(p.name).group(1)))
+    for old in others[:max(0, len(others) - (keep - 1))]:
         old.unlink()
+    for stale in [*folder.glob(".ckpt-*.tmp"), *folder.glob(".latest.*.tmp")]:
+        stale.unlink(missing_ok=True)
     return path
 
 
-def load_latest(folder: Path) -> dict | None:
-    """The checkpoint `latest` names, read with the weights-only unpickler; None if there is none."""
+class Checkpoint(dict):
+    """A training checkpoint as `load_latest` read it: a dict that knows its file, so a key it lacks and a
+    state that does not fit (`restore`) are errors naming the file."""
+
+    def __init__(self, path: Path, state: dict):
+        super().__init__(state)
+        self.path = path
+
+    def __missing__(self, key):
+        from ..errors import SDTorchError
+
+        raise SDTorchError(f"{self.path}: the checkpoint lacks {key!r} (not written by this trainer?)")
+
+    def restore(self, target, key: str) -> None:
+        """`target.load_state_dict(self[key])` for a module, optimizer or scheduler; a mismatch is one line."""
+        from ..errors import SDTorchError
+
+        try:
+            target.load_state_dict(self[key])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SDTorchError(f"{self.path}: {key!r} does not fit this run ({reason})") from None
+
+
+    def shadow_like(self, reference: dict, key: str) -> dict:
+        """`self[key]`, a {name: tensor} dict such as EMA weights, checked to have `reference`'s names and
+        shapes; a mismatch is one line."""
+        from ..errors import SDTorchError
+
+        got = self[key]
+        if not isinstance(got, dict) or got.keys() != reference.keys():
+            raise SDTorchError(f"{self.path}: {key!r} does not fit this run (other parameter names)")
+        for name, tensor in reference.items():
+            if not isinstance(got[name], torch.Tensor) or got[name].shape != tensor.shape:
+                raise SDTorchError(f"{self.path}: {key!r} does not fit this run ({name} has another shape)")
+        return got
+
+
+# What every trainer's checkpoint holds beside its networks' state dicts, and the type each must have.
+CHECKPOINT_FIELDS = {"step": int, "epoch": int, "batch_pos": int, "rng": dict, "optimizer": dict, "scheduler": dict}
+STATE_DICTS = ("model", "ema", "vae", "disc")  # name -> {parameter name: tensor}, where present
+
+
+def load_latest(folder: Path) -> Checkpoint | None:
+    """The checkpoint `latest` names, read with the weights-only unpickler; None if there is none. A
+    `latest` that is not a checkpoint's name, names a missing file, or a checkpoint that is truncated,
+    refused or of the wrong structure raises SDTorchError naming the file."""
+    from ..checkpoints.io import load_weights_only
+    from ..errors import SDTorchError
+
     pointer = folder / "latest"
     if not pointer.is_file():
         return None
-    return torch.load(folder / pointer.read_text().strip(), map_location="cpu", weights_only=True)
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not CKPT.match(name):
+        raise SDTorchError(f"{pointer}: does not name a checkpoint (ckpt-NNNNNNNN.pt)")
+    path = folder / name
+    if not path.is_file():
+        there = sorted(p.name for p in folder.iterdir() if CKPT.match(p.name))
+        raise SDTorchError(f"{pointer}: names {name}, which does not exist (checkpoints there: "
+                           f"{', '.join(there[-3:]) or 'none'})")
+    state = load_weights_only(path, mmap=False)
+    if not isinstance(state, dict):
+        raise SDTorchError(f"{path}: not a training checkpoint (holds a {type(state).__name__})")
+    for key, kind in CHECKPOINT_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            what = "a non-negative integer" if kind is int else "a dict"
+            raise SDTorchError(f"{path}: the checkpoint's {key!r} is {repr(value)[:40]}, not {what}")
+    if not isinstance(state["rng"].get("torch"), torch.Tensor) or state["rng"]["torch"].dtype != torch.uint8:
+        raise SDTorchError(f"{path}: the checkpoint's 'rng' lacks the torch generator state (a uint8 tensor)")
+    for key in STATE_DICTS:
+        value = state.get(key)
+        if key in state and not (isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())):
+            raise SDTorchError(f"{path}: the checkpoint's {key!r} is not a state dict of tensors")
+    return Checkpoint(path, state)
 
 
 def rng_state() -> dict:
@@ -221,27 +311,46 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def log_records(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL log, one per line; a line that is not one (the last line, cut by a kill
+    mid-write) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class JsonlLog:
-    """Appends one JSON object per line; truncates lines past `step` when a run resumes."""
+    """Appends one JSON object per line, each in one write (`fileio.append_line`); when a run resumes, the
+    log is rewritten atomically without the lines past `step`."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
+        from ..fileio import write_text
+
         self.path = path
         if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in log_records(path) if isinstance(r.get("step", 0), (int, float))
+                    and r.get("step", 0) <= resume_step]
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         elif path.is_file():
             path.unlink()
 
     def write(self, **record) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        from ..fileio import append_line
+
+        append_line(self.path, json.dumps(record))
 
 
 def plot_curves(log: Path, out: Path, keys=("loss", "val_loss"), size=(640, 360)) -> None:
     """A PNG line plot of the logged curves against step (drawn with Pillow; log-scale y)."""
     from PIL import Image, ImageDraw
 
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    records = log_records(log) if log.is_file() else []
     series = {k: [(r["step"], r[k]) for r in records if k in r and r[k] and r[k] > 0] for k in keys}
     series = {k: v for k, v in series.items() if len(v) >= 1}
     img = Image.new("RGB", size, "white")
@@ -262,6 +371,7 @@ def plot_curves(log: Path, out: Path, keys=("loss", "val_loss"), size=(640, 360)
         d.text((m, H - m + 5), f"step {x0}", fill="black")
         d.text((W - m - 60, H - m + 5), f"step {x1}", fill="black")
         d.text((5, 5), f"log10 y in [{y0:.2f}, {y1:.2f}]", fill="black")
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, out)
+    from ..fileio import atomic_file
+
+    with atomic_file(out) as tmp:
+        img.save(tmp, format="PNG")

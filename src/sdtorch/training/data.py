@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import SDTorchError
+from ..fileio import atomic_file
 from ..images import to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -115,6 +116,16 @@ class ImageCaptionDataset(Dataset):
         return to_tensor(image)[0]
 
 
+def warn_missing_captions(dataset: ImageCaptionDataset) -> int:
+    """Warn when images have no caption (no caption file, no "text" in metadata.jsonl, or an empty one):
+    they train the model on the empty prompt. Returns how many have none."""
+    n = sum(not caption for caption in dataset.captions)
+    if n:
+        what = "training on empty captions" if n == len(dataset) else "those train as the empty prompt"
+        warnings.warn(f"{dataset.root}: {n} of {len(dataset)} images have no caption; {what}", stacklevel=2)
+    return n
+
+
 def collate(batch: list[dict]) -> dict:
     """Stack a list of items: tensors are stacked, strings kept as a list, numbers made a tensor."""
     out = {}
@@ -150,7 +161,11 @@ def _caption_beside(image: Path) -> str | None:
 def _read_metadata(root: Path) -> list[tuple[Path, str | None]]:
     path = root / METADATA
     captions: dict[str, str | None] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SDTorchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -242,10 +257,13 @@ class LatentCache(Dataset):
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self._len))
 
     def _sweep(self) -> None:
-        """Delete leftover temp files and shards that are not part of this cache."""
+        """Delete leftover temp files (of a killed write) and shards that are not part of this cache."""
         keep = set(self.shards)
+        for path in self.folder.glob(".latents-*.tmp"):
+            path.unlink(missing_ok=True)
         for path in self.folder.glob("latents-*"):
-            if path not in keep or _shard_fingerprint(path) != self.fingerprint:
+            if path not in keep or _shard_fingerprint(path) != self.fingerprint \
+                    or not _shard_holds(path, len(self._span(self.shards.index(path)))):
                 path.unlink()
 
     def _encode_shard(self, k: int, encode_fn, batch_size: int, dtype: torch.dtype, bar) -> None:
@@ -264,9 +282,8 @@ class LatentCache(Dataset):
             indices.append(batch["index"])
             bar.update(B)
         tensors = {"mean": torch.cat(means), "std": torch.cat(stds), "index": torch.cat(indices)}
-        tmp = self.shards[k].with_name(f"{self.shards[k].name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint})
-        os.replace(tmp, self.shards[k])
+        with atomic_file(self.shards[k]) as tmp:
+            save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint})
 
 
 def _moments(out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,3 +309,13 @@ def _shard_fingerprint(path: Path) -> str | None:
             return (f.metadata() or {}).get("fingerprint")
     except (SafetensorError, OSError, ValueError):  # a temp file, a torn write: not a readable shard
         return None
+
+
+def _shard_holds(path: Path, n: int) -> bool:
+    """Whether a shard has the mean, std and index of `n` items (a fingerprint alone does not say it is whole)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return all(len(shapes.get(k, ())) >= 1 and shapes[k][0] == n for k in ("mean", "std", "index"))

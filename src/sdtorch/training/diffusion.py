@@ -24,8 +24,8 @@ from ..errors import SDTorchError
 from ..models import CLIPTextModel, UNet
 from ..sampling import denoiser_for
 from ..tokenizer import CLIPTokenizer
-from . import common
-from .data import ImageCaptionDataset, collate
+from . import checks, common
+from .data import ImageCaptionDataset, collate, warn_missing_captions
 
 
 @dataclass
@@ -67,9 +67,49 @@ class TrainArgs:
     sample_prompts: list[str] = field(default_factory=lambda: ["", "a photo"])
     sample_steps: int = 20
     checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    resume: bool = False
+    keep_checkpoints: int = 3  # the newest checkpoints kept on disk, at least 1
+    resume: bool = False  # continue from the run folder's latest checkpoint; an error if there is none
+    resume_or_start: bool = False  # resume if the run folder has a checkpoint, else start a new run
     progress: bool = True
+
+    def check(self) -> None:
+        """Every field's type and range, and that the named files exist: a bad value is one line naming its
+        flag, before anything is loaded or written."""
+        checks.check_types(self)
+        checks.data_folder(self.data)
+        checks.new_folder(self.output)
+        if self.text_encoder != "scratch":
+            checks.existing_path(self, "text_encoder")
+        checks.existing_path(self, "vae")
+        checks.at_least(self, 1, "batch_size", "grad_accum", "max_steps", "log_every", "val_every",
+                        "checkpoint_every", "keep_checkpoints", "sample_steps")
+        checks.at_least(self, 0, "warmup", "val_size", "sample_every")
+        checks.at_least(self, 2 * 256 + 2, "tokenizer_vocab")  # every byte, alone and ending a word, bos, eos
+        if self.max_length is not None and not 3 <= self.max_length <= MAX_POSITIONS:
+            checks.fail("max_length", f"from 3 (start, one token, end) to {MAX_POSITIONS}", self.max_length)
+        checks.positive(self, "lr", "clip_grad", "min_snr_gamma")
+        checks.non_negative(self, "weight_decay")
+        checks.fraction(self, "ema_decay", one=False)
+        checks.fraction(self, "caption_dropout")
+        checks.one_of(self, "prediction_type", (None, "epsilon", "v_prediction"))
+        checks.resolution(self, "resolution")
+        checks.seed(self, "seed")
+        if not self.sample_prompts:
+            checks.fail("sample_prompts", "at least one prompt", self.sample_prompts)
+        if self.cache_latents and not (self.center_crop and not self.random_flip):
+            raise SDTorchError("--cache-latents stores one fixed crop of each image: it needs --center-crop and "
+                               "--no-random-flip")
+        if self.max_length is not None and self.text_encoder != "scratch":
+            raise SDTorchError("--max-length is for a text encoder trained from scratch; a pretrained one keeps "
+                               "its own tokenizer and positions")
+        if self.compile and self.bf16:
+            raise SDTorchError("--compile with --bf16 is refused: with PyTorch's CPU compiler the bf16 autocast "
+                               "backward came out wrong (the text encoder got no gradients); use one or the other")
+        if self.resume and self.resume_or_start:
+            raise SDTorchError("--resume and --resume-or-start: give one (--resume requires a checkpoint)")
+
+
+MAX_POSITIONS = 1024  # --max-length: token positions a caption may have (CLIP has 77)
 
 
 class Trainable(nn.Module):
@@ -106,9 +146,10 @@ def tokenizer_source(spec: str) -> str | Path:
 
 def make_tokenizer(source: str | Path, vocab_size: int, dataset, out: Path,
                    max_length: int | None = None) -> CLIPTokenizer:
-    """CLIP's BPE, one trained on the captions, or a saved one (`source`, from `tokenizer_source`); it is
-    saved in the run so a resume reuses it. `max_length` (positions per caption, start and end included)
-    replaces the tokenizer's; every caption must then fit in it, since a cut caption would lose words."""
+    """CLIP's BPE, one trained on the captions, or a saved one (`source`, from `tokenizer_source`), or the
+    run's own when `out / "tokenizer"` exists (a resume); the caller saves a new one there. `max_length`
+    (positions per caption, start and end included) replaces the tokenizer's; every caption must then fit
+    in it, since a cut caption would lose words."""
     folder = out / "tokenizer"
     if (folder / "vocab.json").is_file():
         tok = CLIPTokenizer.from_folder(folder)
@@ -128,7 +169,6 @@ def make_tokenizer(source: str | Path, vocab_size: int, dataset, out: Path,
         if longest > max_length:
             raise SDTorchError(f"the longest caption is {longest} tokens with start and end, more than "
                                f"--max-length {max_length}: it would be cut")
-    tok.save(folder)
     return tok
 
 
@@ -152,33 +192,47 @@ def prepare_batch(batch, epoch: int, args: TrainArgs, vae, scale: float, T: int,
     return latents, noise, t, captions
 
 
+def check_samples(args: TrainArgs, config: ModelConfig) -> None:
+    """The sample grids' generations (each prompt at --sample-steps, --resolution) are ones the model's
+    schedule and VAE support, so a run does not fail at its first sample."""
+    from ..generation import Request
+
+    for prompt in args.sample_prompts:
+        try:
+            Request(prompt, steps=args.sample_steps, width=args.resolution, height=args.resolution).validate(
+                config=config)
+        except SDTorchError as e:
+            raise SDTorchError(f"--sample-prompts/--sample-steps/--resolution: {e}") from None
+
+
 def train(args: TrainArgs) -> Path:
-    tok_source = tokenizer_source(args.tokenizer)  # bad options fail here, not after the latent cache
-    if args.max_length is not None and args.max_length < 3:
-        raise SDTorchError(f"--max-length must be at least 3 (start, one token, end), got {args.max_length}")
-    if args.max_length is not None and args.text_encoder != "scratch":
-        raise SDTorchError("--max-length is for a text encoder trained from scratch; a pretrained one keeps "
-                           "its own tokenizer and positions")
-    if args.compile and args.bf16:
-        raise SDTorchError("--compile with --bf16 is refused: with PyTorch's CPU compiler the bf16 autocast "
-                           "backward came out wrong (the text encoder got no gradients); use one or the other")
+    """Train as `args` says; returns the exported model folder. Every input (arguments, data, VAE, text
+    encoder, tokenizer, checkpoint to resume) is checked and read before the run folder is created."""
+    args.check()
+    tok_source = tokenizer_source(args.tokenizer)
     if args.compile:
         common.require_compiler()
+    check_samples(args, common.load_config(args.config))  # a bad --config fails here, before any image is read
     dist = common.init_distributed()
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    state = checks.resume_state(args, out / "checkpoints")
 
     dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
                                   random_flip=args.random_flip, seed=args.seed)
     val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
-
+    if dist.main:
+        warn_missing_captions(dataset)
+    vae = checkpoints.load_vae(args.vae, dtype=torch.float32).eval().requires_grad_(False)
+    pre = checkpoints.read_checkpoint(args.text_encoder, torch.float32) if args.text_encoder != "scratch" else None
     if dist.main:
         tokenizer = make_tokenizer(tok_source, args.tokenizer_vocab, dataset, out, args.max_length)
+
+    out.mkdir(parents=True, exist_ok=True)  # every input is good: the run folder may be made
+    if dist.main and not (out / "tokenizer" / "vocab.json").is_file():
+        tokenizer.save(out / "tokenizer")
     if dist.world > 1:
         torch.distributed.barrier()  # rank 0 has written the tokenizer
         tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
-    vae = checkpoints.load_vae(args.vae, dtype=torch.float32).eval().requires_grad_(False)
     source = dataset
     if args.cache_latents:
         from .data import LatentCache
@@ -191,17 +245,15 @@ def train(args: TrainArgs) -> Path:
         source = LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
                              progress=False)
     config = model_config(args, vae.config, tokenizer)
+    text_encoder = frozen_text = None
+    if pre is not None:  # a frozen pretrained text encoder, with its own tokenizer and width
+        config = config.replace(text=pre[0].text, unet={"context_dim": pre[0].text.width})
+        frozen_text, tokenizer = pre[1]["text_encoder"].eval(), pre[2]
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     unet = UNet(config.unet)
     unet.gradient_checkpointing = args.gradient_checkpointing
-    if args.text_encoder == "scratch":
-        text_encoder, frozen_text = CLIPTextModel(config.text), None
-    else:
-        pre = checkpoints.read_checkpoint(args.text_encoder, torch.float32)
-        config = config.replace(text=pre[0].text, unet={"context_dim": pre[0].text.width})
-        unet = UNet(config.unet)
-        unet.gradient_checkpointing = args.gradient_checkpointing
-        text_encoder, frozen_text, tokenizer = None, pre[1]["text_encoder"].eval(), pre[2]
+    if pre is None:
+        text_encoder = CLIPTextModel(config.text)
     model = Trainable(unet, text_encoder).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     if args.compile:
@@ -212,12 +264,11 @@ def train(args: TrainArgs) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
 
     step, epoch, batch_pos = 0, 0, 0
-    state = common.load_latest(out / "checkpoints") if args.resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.shadow = state["ema"]
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state.restore(model, "model")
+        ema.shadow = state.shadow_like(ema.shadow, "ema")
+        state.restore(opt, "optimizer")
+        state.restore(sched, "scheduler")
         common.set_rng_state(state["rng"])
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
     log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
@@ -303,13 +354,16 @@ def _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config):
 
 
 def export(model, ema, vae, frozen_text, tokenizer, config, folder: Path) -> None:
-    """The EMA weights as a diffusers folder that `sdtorch.load` and diffusers open."""
+    """The EMA weights as a diffusers folder that `sdtorch.load` and diffusers open, written whole under a
+    temporary name and renamed into place (a model folder there from an earlier run is replaced)."""
     _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config).save_diffusers(folder)
 
 
 def sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, path: Path) -> None:
-    """Images for the fixed prompts (seeds 0..) from the EMA weights, in a row, captioned."""
+    """Images for the fixed prompts (seeds 0..) from the EMA weights, in a row, captioned; written atomically."""
     from PIL import Image, ImageDraw
+
+    from ..fileio import atomic_file
 
     pipe = _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config)
     images = [pipe.txt2img(p, steps=args.sample_steps, seed=i, width=args.resolution, height=args.resolution)[0]
@@ -320,4 +374,5 @@ def sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, path: Pat
         grid.paste(im, (i * R, 14))
         ImageDraw.Draw(grid).text((i * R + 2, 1), prompt[: R // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG")
