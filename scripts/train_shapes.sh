@@ -52,7 +52,7 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 
 # 3b. the decoder trained further with the encoder frozen (as SD's ft-MSE VAE): the latents, so the UNet
 #     above, are unchanged. Held-out PSNR 32.17 dB before it; 33.61 dB after it with L1 alone (v7), and
-#     34.54 dB (validation) with the edge term, which also sharpens small squares on gray (README).
+#     34.54 dB (validation) with the edge term, which also sharpens small squares on gray (docs/shapes-model.md).
 [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae-ft" \
   --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
   --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 --checkpoint-every 250 \

@@ -48,7 +48,8 @@ def test_every_readme_sampler_at_50_steps_on_the_fp16_model(sampler):
     assert next(model.unet.parameters()).dtype == torch.float16
     prompt = CASES[0][0]
     # seed 1: at seed 0 PLMS draws this square as a circle, in fp32 as in fp16 (a miss of the model's,
-    # one of PLMS's two in the README's 50-step column), where the overflow drew a black image
+    # one of PLMS's two in the 50-step column of docs/shapes-model.md), where the overflow drew a black
+    # image
     image = model.txt2img(prompt, seed=1, steps=50, sampler=sampler)[0]
     result = analyse.grade(image, prompt)
     assert result["exact"], (sampler, result)

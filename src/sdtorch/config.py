@@ -223,7 +223,7 @@ SHAPES = ModelConfig(  # the built-in model of the shapes world (sdtorch.data.sh
                     num_heads=None, head_dim=32, context_dim=128),
     # 4x down: 16x16x4 latents. No self-attention in the middle blocks: with it, the encoder mapped small
     # orange and yellow squares on gray (pairs held out of training) to latents decoded as circles; a
-    # purely local encoder reads every held-out pair back (README: "Why the autoencoder has no self-attention")
+    # purely local encoder reads every held-out pair back (docs/shapes-model.md, "The architecture")
     vae=VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16, mid_attention=False),
     text=TextConfig(width=128, layers=3, heads=4, mlp_width=512),  # vocab_size comes from the caption tokenizer
     prediction_type="v_prediction",

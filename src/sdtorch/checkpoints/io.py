@@ -69,7 +69,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     """Open a `.safetensors`, `.ckpt`, `.pt`/`.pth` or `.bin` weight file (recognised by content)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: " + ("not a regular file" if path.exists() else "no such file"))
     kind = _sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path)

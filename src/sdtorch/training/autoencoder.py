@@ -29,7 +29,7 @@ from .data import ImageCaptionDataset, collate
 @dataclass
 class VAETrainArgs:
     data: str  # image folder (captions are not used)
-    output: str  # run folder: checkpoints/, vae/, log.jsonl, loss.png, reconstructions.png
+    output: str  # run folder: checkpoints/, vae/, log.jsonl, loss.png
     config: str = "tiny"  # a preset name or a ModelConfig JSON file; its `vae` part is used
     init: str | None = None  # start from this autoencoder instead of random weights
     decoder_only: bool = False  # with init: train only the decoder, so the latent space stays as it is
