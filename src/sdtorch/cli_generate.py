@@ -22,25 +22,28 @@ from .fileio import atomic_file, check_file_destination, shown
 def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> None:
     p.add_argument("--model", "-m", default="shapes",
                    help="a .safetensors/.ckpt file, a diffusers folder, or the built-in 'shapes' (default)")
-    p.add_argument("--negative-prompt", "-n", default="")
+    p.add_argument("--negative-prompt", "-n", default="",
+                   help="what the images should not show (default: empty)")
     p.add_argument("--width", "-W", type=int, help="pixels, a multiple of 8 (default: the model's size, or the "
                    "source image's rounded down to a multiple of 8; the image is resized to it)")
     p.add_argument("--height", "-H", type=int, help="pixels, a multiple of 8 (default: as for --width)")
-    p.add_argument("--steps", "-s", type=int, help="default: the model's, else 20; at most what the model's "
-                   "schedule supports (999 of 1000 training steps, 998 for the DPM++ 2M samplers)")
+    p.add_argument("--steps", "-s", type=int, help="sampler steps (default: the model's, else 20); at most what the "
+                   "model's schedule supports (999 of 1000 training steps, 998 for the DPM++ 2M samplers)")
     p.add_argument("--sampler", help="see `sdtorch samplers` (default: the model's, else dpmpp_2m)")
-    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels")
+    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (default: off)")
     p.add_argument("--guidance", "--cfg", "-g", type=float,
                    help="classifier-free guidance scale, 0 to 100 (default: the model's, else 7.5)")
     p.add_argument("--seed", type=int, help="0 to 2**64 - 1; image i uses seed + i (default: random)")
-    p.add_argument("--batch", "-b", type=int, default=1, help="number of images")
-    p.add_argument("--clip-skip", type=int, default=1, help="1 to the number of text-encoder layers")
+    p.add_argument("--batch", "-b", type=int, default=1, help="number of images (default: 1)")
+    p.add_argument("--clip-skip", type=int, default=1,
+                   help="take the prompt from the text encoder's N-th layer from the end, 1 (the last) to the "
+                   "number of layers (default: 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load in this dtype (default: the file's)")
     p.add_argument("--output", "-o", default="sdtorch-{seed}.png",
                    help="PNG path; {seed} is replaced per image (a Python format field: {seed:06d} works; write "
-                   "{{ and }} for braces), else -0, -1, ... are added for a batch")
+                   "{{ and }} for braces), else -0, -1, ... are added for a batch (default: sdtorch-{seed}.png)")
     if strength:
-        p.add_argument("--strength", type=float, default=0.75, help="img2img: 0 keeps the image, 1 replaces it")
+        p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 replaces it (default: 0.75)")
 
 
 def output_paths(pattern: str, seeds: list[int]) -> list[Path]:
@@ -225,37 +228,38 @@ def add_commands(sub) -> None:
     from .generation import ENV_HELP
 
     p = sub.add_parser("generate", help="text to image", epilog=ENV_HELP)
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what the image shows")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "txt2img"))
 
     p = sub.add_parser("img2img", help="image to image", epilog=ENV_HELP)
-    p.add_argument("image")
-    p.add_argument("prompt")
+    p.add_argument("image", help="the source image (PNG, JPEG, WebP, ...)")
+    p.add_argument("prompt", help="what the new image shows")
     add_generation_flags(p, strength=True)
     p.set_defaults(func=lambda a: run(a, "img2img"))
 
     p = sub.add_parser("inpaint", help="repaint where the mask is white", epilog=ENV_HELP)
-    p.add_argument("image")
-    p.add_argument("mask")
-    p.add_argument("prompt")
+    p.add_argument("image", help="the source image (PNG, JPEG, WebP, ...)")
+    p.add_argument("mask", help="an image of the same size: white is repainted, black kept")
+    p.add_argument("prompt", help="what the repainted area shows")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "inpaint"))
 
     p = sub.add_parser("outpaint", help="extend the canvas: pad the image, then inpaint the new area",
                        epilog=ENV_HELP)
-    p.add_argument("image")
-    p.add_argument("prompt")
+    p.add_argument("image", help="the source image (PNG, JPEG, WebP, ...)")
+    p.add_argument("prompt", help="what the whole canvas shows")
     p.add_argument("--pad", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), required=True,
-                   help="pixels to add on each side, 0 or more (a new size that is not a multiple of 8 is rounded down)")
+                   help="pixels to add on each side, 0 or more (a new size that is not a multiple of 8 is rounded "
+                   "down; required)")
     add_generation_flags(p)
     p.set_defaults(func=lambda a: run(a, "outpaint"))
 
     p = sub.add_parser("replay", help="regenerate a PNG from its parameters text, bit-identically on the CPU",
                        epilog=ENV_HELP)
-    p.add_argument("image")
+    p.add_argument("image", help="a PNG made by sdtorch or AUTOMATIC1111, with its parameters text")
     p.add_argument("--model", "-m", help="the model (default: the path recorded in the image)")
-    p.add_argument("--output", "-o", help="default: IMAGE-replay.png")
+    p.add_argument("--output", "-o", help="PNG path (default: IMAGE-replay.png beside the image)")
     p.set_defaults(func=replay)
 
     p = sub.add_parser("samplers", help="list the samplers")

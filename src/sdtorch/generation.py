@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import secrets
 import warnings
 from dataclasses import dataclass, fields
@@ -96,6 +97,15 @@ def check_text(name: str, value, limits: Limits) -> None:
     if len(value) > limits.max_prompt_chars:
         raise SDTorchError(f"{name} has {len(value)} characters, more than the limit of {limits.max_prompt_chars} "
                            "(SDTORCH_MAX_PROMPT_CHARS)")
+
+
+def unknown_words(prompt: str, vocabulary) -> list[str]:
+    """The prompt's words that are not in `vocabulary`, each once in order of appearance. Words are runs
+    of letters compared lower-case; A1111's weighting syntax ((word:1.2), [word]) and BREAK are not words."""
+    known = {w.lower() for w in vocabulary}
+    runs = prompts.parse_weights(prompt)
+    text = " ".join(t for t, w in runs if (t, w) != ("BREAK", prompts.BREAK_WEIGHT))
+    return list(dict.fromkeys(w for w in re.findall(r"[^\W\d_]+", text.lower()) if w not in known))
 
 
 def check_size(width, height, limits: Limits, what: str = "width and height") -> None:

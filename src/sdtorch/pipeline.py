@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,18 +26,23 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 # `sdtorch convert --default-guidance ...`), as transformers' generation_config.json does for LLMs.
 GENERATION_DEFAULTS = {"steps": 20, "guidance": 7.5, "sampler": "dpmpp_2m"}
 DEFAULTS_FILE = "generation_defaults.json"
+# The words a model was trained on, where its folder lists them (a JSON list of strings): a prompt with
+# other words gets a warning, since the model cannot draw what it never read (`generation.unknown_words`).
+VOCABULARY_FILE = "prompt_vocabulary.json"
 
 
 class StableDiffusion:
     """`unet`, `vae`, `text_encoder`, `tokenizer` and `config` of one Stable Diffusion model, and the model's
-    own generation `defaults` (a subset of GENERATION_DEFAULTS' keys)."""
+    own generation `defaults` (a subset of GENERATION_DEFAULTS' keys) and prompt `vocabulary` (the words
+    it was trained on, or None where it does not say)."""
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  config: ModelConfig, report: checkpoints.LoadReport | None = None, name: str = "",
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, vocabulary: list[str] | None = None):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.config, self.report, self.name = tokenizer, config, report, name
         self.defaults = check_defaults(defaults or {}, "defaults")
+        self.vocabulary = vocabulary
 
     def default(self, key: str):
         """The model's default for `key` (steps, guidance, sampler), else sdtorch's."""
@@ -67,9 +73,11 @@ class StableDiffusion:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
 
     def save_diffusers(self, folder, dtype=None) -> Path:
-        """Write a diffusers folder with the model's generation defaults, whole or not at all. An existing
-        `folder` is replaced only if it is empty or a model folder (see `checkpoints.save_diffusers`)."""
-        extra = {DEFAULTS_FILE: json.dumps(self.defaults, indent=2) + "\n"} if self.defaults else None
+        """Write a diffusers folder with the model's generation defaults and vocabulary, whole or not at all.
+        An existing `folder` is replaced only if it is empty or a model folder (see `checkpoints.save_diffusers`)."""
+        extra = {DEFAULTS_FILE: json.dumps(self.defaults, indent=2) + "\n"} if self.defaults else {}
+        if self.vocabulary is not None:
+            extra[VOCABULARY_FILE] = json.dumps(self.vocabulary) + "\n"
         return checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype), extra)
 
     def save_single_file(self, path, dtype=None) -> Path:
@@ -86,6 +94,7 @@ class StableDiffusion:
         for key in GENERATION_DEFAULTS:
             if kw.get(key) is None:
                 kw[key] = self.default(key)
+        given_size = kw.get("width") is not None or kw.get("height") is not None
         if source is None:
             kw["width"] = c.sample_size if kw.get("width") is None else kw["width"]
             kw["height"] = c.sample_size if kw.get("height") is None else kw["height"]
@@ -95,6 +104,7 @@ class StableDiffusion:
         kw = {k: v for k, v in kw.items() if v is not None or k == "seed"}
         req = generation.make_request(prompt=prompt, **kw)
         req.validate(limits, c)
+        self._warn(req, given_size)
         if source is not None and tuple(source.shape[-2:]) != (req.height, req.width):
             # A requested size other than the image's: resize the image (and mask) to it, as A1111 does.
             source = F.interpolate(source, size=(req.height, req.width), mode="bicubic", align_corners=False)
@@ -103,6 +113,21 @@ class StableDiffusion:
         out, seeds = generation.generate(self, req, source, mask, progress=progress, limits=limits)
         self.last_seeds = seeds
         return out if output_type == "tensor" else images.to_pil(out)
+
+    def _warn(self, req, given_size: bool) -> None:
+        """Warn (once per request) about a prompt with words the model was not trained on, and about a
+        size asked for that is not the model's training size: both give poor images, not errors."""
+        from . import generation
+
+        unknown = generation.unknown_words(req.prompt, self.vocabulary) if self.vocabulary else []
+        if unknown:
+            see = f" (see {BUILTIN_DOCS[self.name]})" if self.name in BUILTIN_DOCS else ""
+            warnings.warn(f"the model {self.name} does not know {', '.join(map(repr, unknown))}; it knows: "
+                          f"{', '.join(self.vocabulary)}{see}", stacklevel=4)
+        side = self.config.sample_size
+        if given_size and (req.width, req.height) != (side, side):
+            warnings.warn(f"{req.width}x{req.height} differs from the {side}x{side} this model was trained at; "
+                          "expect repeated or broken objects", stacklevel=4)
 
     def txt2img(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
                 height: int | None = None, steps: int | None = None, guidance: float | None = None,
@@ -189,6 +214,20 @@ def read_defaults(folder: Path) -> dict:
     return check_defaults(data, str(path))
 
 
+def read_vocabulary(folder: Path) -> list[str] | None:
+    """A diffusers folder's prompt_vocabulary.json (a JSON list of words), or None where there is none."""
+    path = Path(folder) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        words = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
+        raise SDTorchError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise SDTorchError(f"{path}: expected a JSON list of words")
+    return words
+
+
 def _dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -213,6 +252,7 @@ def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -
 
 
 BUILTIN = {"shapes": "shapes-model"}  # name -> folder in sdtorch/data (trained by scripts/train_shapes.sh)
+BUILTIN_DOCS = {"shapes-model": "docs/shapes-model.md"}  # folder -> its model card, named in warnings
 
 
 def builtin_path(name: str) -> Path | None:
@@ -244,6 +284,8 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
         dtype = dtype or torch.float32  # shipped in fp16 to stay small; fp16 is slow on CPUs
     config_, modules, tokenizer, report = checkpoints.read_checkpoint(
         path_or_name, _dtype(dtype), prediction_type, config, use_ema, strict)
-    defaults = read_defaults(path_or_name) if Path(path_or_name).is_dir() else {}
+    folder = Path(path_or_name).is_dir()
+    defaults = read_defaults(path_or_name) if folder else {}
+    vocabulary = read_vocabulary(path_or_name) if folder else None
     return StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,
-                           name=Path(path_or_name).name, defaults=defaults)
+                           name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary)

@@ -23,45 +23,65 @@ from .. import checkpoints
 from ..errors import SDTorchError
 from ..models import AutoencoderKL
 from . import checks, common, losses
+from .common import REQUIRED, option
 from .data import ImageCaptionDataset, collate
 
 
 @dataclass
 class VAETrainArgs:
-    data: str  # image folder (captions are not used)
-    output: str  # run folder: checkpoints/, vae/, log.jsonl, loss.png
-    config: str = "tiny"  # a preset name or a ModelConfig JSON file; its `vae` part is used
-    init: str | None = None  # start from this autoencoder instead of random weights
-    decoder_only: bool = False  # with init: train only the decoder, so the latent space stays as it is
-    resolution: int = 64
-    center_crop: bool = True
-    random_flip: bool = False
-    batch_size: int = 8  # per process
-    lr: float = 1e-4
-    disc_lr: float = 1e-4
-    warmup: int = 100
-    max_steps: int = 1000
-    clip_grad: float = 1.0
-    rec_loss: str = "l1"  # "l1" or "mse"
-    edge_weight: float = 0.0  # weight of the gradient difference loss (sharp outlines; losses.gradient_difference_loss)
-    kl_weight: float = 1e-6
-    lpips: str | None = None  # local LPIPS weights file; without it the perceptual loss is off
-    lpips_weight: float = 1.0
-    disc_start: int = 500  # step at which the adversarial loss switches on
-    disc_weight: float = 0.5
-    disc_norm: str = "group"  # "group" is per-sample (identical under any batch split); "batch" as pix2pix
-    logvar_init: float | None = None  # a new autoencoder's posterior log-variance at the start (see train)
-    scaling_factor: float | None = None  # None: 1 / std of the training latents, measured at the end
-    bf16: bool = False
-    val_size: int = 16
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 100
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3  # the newest checkpoints kept on disk, at least 1
-    resume: bool = False  # continue from the run folder's latest checkpoint; an error if there is none
-    resume_or_start: bool = False  # resume if the run folder has a checkpoint, else start a new run
-    progress: bool = True
+    data: str = option(REQUIRED, "data", "training images: a folder of images, or one with a metadata.jsonl "
+                       "(captions are not used)")
+    output: str = option(REQUIRED, "output", "the run folder, made once every input is good: checkpoints/, vae/ "
+                         "(the autoencoder), log.jsonl, loss.png")
+    config: str = option("tiny", "model", "architecture: a preset (sd15, sd21, sd21-base, tiny, shapes) or a "
+                         "ModelConfig JSON file; its autoencoder part is used")
+    init: str | None = option(None, "model", "start from this autoencoder (default: random weights)")
+    decoder_only: bool = option(False, "model", "with --init: train only the decoder, so the latent space (and a "
+                                "UNet trained on it) stays as it is")
+    resolution: int = option(64, "data", "training side in pixels, a multiple of 8 (24 or more once the "
+                             "discriminator is on): the short side is resized to it, then a square is cropped")
+    center_crop: bool = option(True, "data", "crop the middle square; --no-center-crop takes a random one")
+    random_flip: bool = option(False, "data", "flip images left to right at random")
+    batch_size: int = option(8, "optimisation", "images per step and process")
+    lr: float = option(1e-4, "optimisation", "the autoencoder's peak AdamW learning rate, reached after --warmup, "
+                       "then a cosine decay to 0 at --max-steps")
+    disc_lr: float = option(1e-4, "optimisation", "the discriminator's AdamW learning rate, constant")
+    warmup: int = option(100, "optimisation", "steps of linear learning-rate warm-up")
+    max_steps: int = option(1000, "optimisation", "optimizer steps to train for")
+    clip_grad: float = option(1.0, "optimisation", "the largest gradient norm, of the autoencoder's "
+                              "parameters together; a larger gradient is scaled down to it")
+    rec_loss: str = option("l1", "loss", "pixel reconstruction loss, 'l1' or 'mse'")
+    edge_weight: float = option(0.0, "loss", "weight of the gradient difference loss (Mathieu et al. 2016), for "
+                                "sharper outlines; 0 turns it off")
+    kl_weight: float = option(1e-6, "loss", "weight of the KL divergence of the posterior from a standard normal")
+    lpips: str | None = option(None, "loss", "a local LPIPS weights file for the perceptual loss (default: none, "
+                               "the perceptual loss is off)")
+    lpips_weight: float = option(1.0, "loss", "weight of the LPIPS loss, with --lpips")
+    disc_start: int = option(500, "loss", "step at which the PatchGAN hinge loss switches on")
+    disc_weight: float = option(0.5, "loss", "factor on the adversarial loss's adaptive weight (Esser et al. 2021, "
+                                "eq. 7)")
+    disc_norm: str = option("group", "loss", "the discriminator's normalisation: 'group' (per sample, the same "
+                            "under any batch split) or 'batch' (as pix2pix)")
+    logvar_init: float | None = option(None, "model", "a new autoencoder's posterior log-variance at the start, "
+                                       "-30 to 20; -6 gives a std of 0.05 (default: about 0, a std of about 1)")
+    scaling_factor: float | None = option(None, "model", "the latent scaling factor saved with the autoencoder "
+                                          "(default: 1 / std of the training latents, measured at the end; with "
+                                          "--decoder-only, the --init one)")
+    bf16: bool = option(False, "performance", "bfloat16 autocast in the forward passes")
+    val_size: int = option(16, "data", "images held out for the validation loss, PSNR and SSIM, at most a tenth of "
+                           "them")
+    seed: int = option(0, "optimisation", "seeds the weights, the validation split, the data order and every "
+                       "sample's posterior draw, so a run repeats exactly")
+    log_every: int = option(10, "output", "steps between lines of log.jsonl")
+    val_every: int = option(100, "output", "steps between validation figures and redraws of loss.png")
+    checkpoint_every: int = option(200, "checkpoints", "steps between checkpoints in checkpoints/, and one at "
+                                   "the last step")
+    keep_checkpoints: int = option(3, "checkpoints", "the newest checkpoints kept on disk, at least 1")
+    resume: bool = option(False, "checkpoints", "continue from the run folder's latest checkpoint; an error if "
+                          "there is none")
+    resume_or_start: bool = option(False, "checkpoints", "resume if the run folder has a checkpoint, else start a "
+                                   "new run")
+    progress: bool = option(True, "output", "show a progress bar")
 
     def check(self) -> None:
         """Every field's type and range, and that the named files exist: a bad value is one line naming its

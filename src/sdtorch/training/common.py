@@ -1,6 +1,6 @@
-"""What both trainers share: distributed setup, config loading, the validation split, per-sample seeds,
-data order and the resumable batch stream, EMA, the learning-rate schedule, atomic checkpoints and the
-JSONL log with its PNG plot."""
+"""What both trainers share: their argument fields (default, group, help), distributed setup, config
+loading, the validation split, per-sample seeds, data order and the resumable batch stream, EMA, the
+learning-rate schedule, atomic checkpoints and the JSONL log with its PNG plot."""
 
 from __future__ import annotations
 
@@ -8,13 +8,25 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+REQUIRED = MISSING  # `option`'s default for a field that has none
+
+
+def option(default, group: str, help: str):
+    """A trainer argument's dataclass field: its default (REQUIRED for none; a list is copied for each
+    instance), and the group and one-line help that `sdtorch train --help` shows it under (cli_train.py)."""
+    meta = {"group": group, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 

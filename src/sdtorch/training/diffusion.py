@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,52 +25,75 @@ from ..models import CLIPTextModel, UNet
 from ..sampling import denoiser_for
 from ..tokenizer import CLIPTokenizer
 from . import checks, common
+from .common import REQUIRED, option
 from .data import ImageCaptionDataset, collate, warn_missing_captions
 
 
 @dataclass
 class TrainArgs:
-    data: str  # image folder with captions, or metadata.jsonl
-    output: str  # run folder: checkpoints/, model/, samples/, log.jsonl, loss.png
-    vae: str  # a trained autoencoder (`sdtorch train-vae` output) or any model sdtorch.load opens
-    config: str = "tiny"  # UNet/text architecture: a preset name or a JSON ModelConfig file
-    text_encoder: str = "scratch"  # "scratch" (trained jointly, as LDM) or a model to take a frozen one from
-    tokenizer: str = "clip"  # "clip" (bundled BPE), "captions" (a BPE trained on the captions) or a folder
-    tokenizer_vocab: int = 1024
-    # token positions per caption, start and end tokens included (default: the tokenizer's, 77 for CLIP's).
-    # The text encoder and every cross-attention run over all of them, so fewer make each step cheaper;
-    # saved in the tokenizer and the text encoder's position table, so inference pads to it too
-    max_length: int | None = None
-    prediction_type: str | None = None  # "epsilon" or "v_prediction"; default: the config's
-    resolution: int = 64
-    center_crop: bool = True
-    random_flip: bool = False
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: int = 100
-    max_steps: int = 1000
-    clip_grad: float = 1.0
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    min_snr_gamma: float | None = None
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the training forward and backward (fp32 only; needs a C++ compiler)
-    cache_latents: bool = False  # encode every image once to disk (needs center crop, no flips)
-    val_size: int = 16
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 100
-    sample_every: int = 0  # 0: only at the end
-    sample_prompts: list[str] = field(default_factory=lambda: ["", "a photo"])
-    sample_steps: int = 20
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3  # the newest checkpoints kept on disk, at least 1
-    resume: bool = False  # continue from the run folder's latest checkpoint; an error if there is none
-    resume_or_start: bool = False  # resume if the run folder has a checkpoint, else start a new run
-    progress: bool = True
+    data: str = option(REQUIRED, "data", "training images: a folder of images with same-name .txt captions, or "
+                       "one with a metadata.jsonl")
+    output: str = option(REQUIRED, "output", "the run folder, made once every input is good: checkpoints/, model/ "
+                         "(the EMA weights as a diffusers folder), samples/, log.jsonl, loss.png")
+    vae: str = option(REQUIRED, "model", "the frozen autoencoder: a `sdtorch train-vae` output or any model "
+                      "sdtorch.load opens")
+    config: str = option("tiny", "model", "UNet and text-encoder architecture: a preset (sd15, sd21, sd21-base, "
+                         "tiny, shapes) or a ModelConfig JSON file")
+    text_encoder: str = option("scratch", "model", "'scratch' trains a text encoder jointly (as LDM); a model "
+                               "path takes that model's text encoder and tokenizer, frozen")
+    tokenizer: str = option("clip", "model", "'clip' (CLIP's bundled BPE), 'captions' (a BPE trained on the "
+                            "captions) or a tokenizer folder (a run's or a model's folder is looked into)")
+    tokenizer_vocab: int = option(1024, "model", "vocabulary size in tokens of the BPE that --tokenizer captions "
+                                  "trains")
+    # The text encoder and every cross-attention run over all positions, so fewer make each step cheaper;
+    # the number is saved in the tokenizer and the text encoder's position table, so inference pads to it too
+    max_length: int | None = option(None, "model", "token positions per caption, start and end included; every "
+                                    "caption must fit (default: the tokenizer's, 77 for CLIP's)")
+    prediction_type: str | None = option(None, "model", "what the UNet predicts, 'epsilon' or 'v_prediction' "
+                                         "(default: the config's)")
+    resolution: int = option(64, "data", "training side in pixels, a multiple of 8: the short side is resized to "
+                             "it, then a square is cropped")
+    center_crop: bool = option(True, "data", "crop the middle square; --no-center-crop takes a random one")
+    random_flip: bool = option(False, "data", "flip images left to right at random")
+    batch_size: int = option(8, "optimisation", "images per step and process; a step sees this times "
+                             "--grad-accum times the number of processes")
+    grad_accum: int = option(1, "optimisation", "batches whose gradients are summed per optimizer step")
+    lr: float = option(1e-4, "optimisation", "AdamW's peak learning rate, reached after --warmup, then a cosine "
+                       "decay to 0 at --max-steps")
+    weight_decay: float = option(0.01, "optimisation", "AdamW's decoupled weight decay")
+    warmup: int = option(100, "optimisation", "steps of linear learning-rate warm-up")
+    max_steps: int = option(1000, "optimisation", "optimizer steps to train for")
+    clip_grad: float = option(1.0, "optimisation", "the largest gradient norm, of all parameters together; "
+                              "a larger gradient is scaled down to it")
+    ema_decay: float = option(0.999, "optimisation", "decay of the moving average of the weights that the samples "
+                              "and the exported model use, in [0, 1)")
+    caption_dropout: float = option(0.1, "loss", "the share of captions replaced by the empty prompt, which "
+                                    "classifier-free guidance needs, 0 to 1")
+    min_snr_gamma: float | None = option(None, "loss", "Min-SNR-gamma loss weighting of Hang et al. 2023, 5 is "
+                                         "usual (default: off, every timestep weighs the same)")
+    bf16: bool = option(False, "performance", "bfloat16 autocast in the forward pass")
+    gradient_checkpointing: bool = option(False, "performance", "recompute the UNet's activations in the backward "
+                                          "pass: less memory, slower steps")
+    compile: bool = option(False, "performance", "torch.compile the training forward and backward; float32 "
+                           "only, needs a C++ compiler")
+    cache_latents: bool = option(False, "performance", "encode every image once, to latent-cache/ in the run "
+                                 "folder; needs --center-crop and --no-random-flip")
+    val_size: int = option(16, "data", "images held out for the validation loss, at most a tenth of them")
+    seed: int = option(0, "optimisation", "seeds the weights, the validation split, the data order and every "
+                       "sample's noise, so a run repeats exactly")
+    log_every: int = option(10, "output", "steps between lines of log.jsonl")
+    val_every: int = option(100, "output", "steps between validation losses and redraws of loss.png")
+    sample_every: int = option(0, "output", "steps between sample grids in samples/; 0: only the final one")
+    sample_prompts: list[str] = option(["", "a photo"], "output", "the sample grid's prompts, one image each")
+    sample_steps: int = option(20, "output", "sampler steps for each sample image")
+    checkpoint_every: int = option(200, "checkpoints", "steps between checkpoints in checkpoints/, and one at "
+                                   "the last step")
+    keep_checkpoints: int = option(3, "checkpoints", "the newest checkpoints kept on disk, at least 1")
+    resume: bool = option(False, "checkpoints", "continue from the run folder's latest checkpoint; an error if "
+                          "there is none")
+    resume_or_start: bool = option(False, "checkpoints", "resume if the run folder has a checkpoint, else start a "
+                                   "new run")
+    progress: bool = option(True, "output", "show a progress bar")
 
     def check(self) -> None:
         """Every field's type and range, and that the named files exist: a bad value is one line naming its
