@@ -27,9 +27,11 @@ else:
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if kind == "sdtorch":
-    m = sdtorch.load(path); n = sum(p.numel() * p.element_size() for mod in m.modules.values() for p in mod.parameters())
+    m = sdtorch.load(path)
+    n = sum(p.numel() * p.element_size() for mod in m.modules.values() for p in mod.parameters())
 elif kind == "sdtorch-folder":
-    m = sdtorch.load(folder); n = sum(p.numel() * p.element_size() for mod in m.modules.values() for p in mod.parameters())
+    m = sdtorch.load(folder)
+    n = sum(p.numel() * p.element_size() for mod in m.modules.values() for p in mod.parameters())
 elif kind == "diffusers-folder":
     m = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     n = sum(p.numel() * p.element_size() for mod in (m.unet, m.vae, m.text_encoder) for p in mod.parameters())

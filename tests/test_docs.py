@@ -8,8 +8,8 @@ interpreter. The runnable blocks of one file run in order, in one fresh temporar
 may use what an earlier one wrote), with this interpreter's folder (the repo's venv) first on PATH, so
 `sdtorch` and `python` are the ones under test, and with OMP_NUM_THREADS=1 unless it is set (on a
 quiet 2-core CPU these runs took about as long on one thread as on two, 43 and 41 s on 2026-12-01;
-when other jobs share the CPU, one thread is many times faster). Each block must exit 0. Blocks that install (pip), need weights that are not shipped, or take long are left
-unmarked.
+when other jobs share the CPU, one thread is many times faster). Each block must exit 0. Blocks that
+install (pip), need weights that are not shipped, or take long are left unmarked.
 
 Where a runnable block would take long as written, `SUBSTITUTIONS` shrinks its settings before it runs.
 The table is the only place where what runs differs from what the reader sees, and every entry must
@@ -95,7 +95,8 @@ def test_runnable_blocks_exit_0(doc: Path, tmp_path: Path):
         done = subprocess.run(argv, input=stdin, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=BLOCK_TIMEOUT_S)
         assert done.returncode == 0, (f"{where}: exit code {done.returncode}\n--- block as run:\n{block['code']}"
-                                      f"--- stdout (end):\n{done.stdout[-3000:]}\n--- stderr (end):\n{done.stderr[-3000:]}")
+                                      f"--- stdout (end):\n{done.stdout[-3000:]}\n"
+                                      f"--- stderr (end):\n{done.stderr[-3000:]}")
 
 
 def test_every_marker_opens_a_block():
@@ -106,7 +107,8 @@ def test_every_marker_opens_a_block():
         for n, line in enumerate(lines):
             if line.strip() == MARKER:
                 after = lines[n + 1] if n + 1 < len(lines) else ""
-                assert re.match(r"^\s*(`{3,}|~{3,})", after), f"{_rel(doc)}:{n + 1}: {MARKER} is not followed by a fence"
+                assert re.match(r"^\s*(`{3,}|~{3,})", after), \
+                    f"{_rel(doc)}:{n + 1}: {MARKER} is not followed by a fence"
 
 
 def test_every_substitution_applies():

@@ -180,7 +180,9 @@ def test_resize_is_antialiased(tmp_path):
 def test_randomness_is_seeded_by_seed_epoch_index(tmp_path):
     gradient(tmp_path / "a.png", (80, 40))
     gradient(tmp_path / "b.png", (40, 90), seed=1)
-    make = lambda seed: ImageCaptionDataset(tmp_path, 24, center_crop=False, random_flip=True, seed=seed)
+    def make(seed):
+        return ImageCaptionDataset(tmp_path, 24, center_crop=False, random_flip=True, seed=seed)
+
     ds, again, other = make(7), make(7), make(8)
     state = random.getstate(), torch.get_rng_state()
     per_epoch = []

@@ -17,12 +17,12 @@ from .fileio import shown
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="architecture of a single file: a preset name or a diffusers folder "
                    "(default: detected from its tensors and metadata)")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], 
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="the model's prediction type (default: detected)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load in this dtype (default: the file's)")
-    p.add_argument("--ema", action="store_true", 
+    p.add_argument("--ema", action="store_true",
                    help="use the UNet's EMA weights of an original checkpoint (default: off)")
-    p.add_argument("--partial", action="store_true", 
+    p.add_argument("--partial", action="store_true",
                    help="load what matches instead of failing on mismatches (default: off)")
 
 
@@ -166,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="destination: NAME.safetensors (original layout; a file there is replaced) or a "
                    "folder (diffusers layout; an existing folder is replaced whole, and only if it is empty or a "
                    "diffusers model folder with model_index.json). Nothing is written unless it is complete")
-    p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], 
+    p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the written weights (default: as loaded)")
     p.add_argument("--default-steps", type=int, help="the folder's recommended steps, kept in generation_defaults.json "
                    "(default: the source's, if any)")
-    p.add_argument("--default-guidance", type=float, 
+    p.add_argument("--default-guidance", type=float,
                    help="the folder's recommended guidance scale (default: the source's, if any)")
     p.add_argument("--default-sampler", help="the folder's recommended sampler (default: the source's, if any)")
     p.add_argument("--vae", help="bake in this autoencoder instead (an AutoencoderKL folder or a model's) "

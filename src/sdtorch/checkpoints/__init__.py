@@ -21,7 +21,7 @@ from ..fileio import atomic_folder, check_file_destination, check_folder_destina
 from ..models import AutoencoderKL, CLIPTextModel, UNet
 from ..tokenizer import CLIPTokenizer
 from . import detect, diffusers_folder, keymaps
-from .io import StateDict, read_state_dict, write_safetensors
+from .io import StateDict, read_state_dict, write_safetensors  # noqa: F401 (StateDict: re-exported)
 from .keymaps import SD1_TEXT_PREFIX, Source
 from .loader import LoadReport, check, load_component, on_meta
 
@@ -78,7 +78,8 @@ def _read_folder(path, dtype, prediction_type, config, strict):
     modules = {}
     for name in FACTORIES:
         sd = read_state_dict(diffusers_folder.weight_file(path, name))
-        prefix = "text_model." if name == "text_encoder" and "text_model.embeddings.token_embedding.weight" in sd else ""
+        hf_text = name == "text_encoder" and "text_model.embeddings.token_embedding.weight" in sd
+        prefix = "text_model." if hf_text else ""
         sources = {k: Source(prefix + k) for k in _keys(name, config)}
         modules[name], comp = load_component(name, lambda: FACTORIES[name](config), sources, sd, dtype, strict)
         report.components.append(comp)
@@ -121,7 +122,8 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     modules, used = {}, set()
     for name in FACTORIES:
         sources = keymaps.original_sources(name, _keys(name, config), config)
-        if name == "text_encoder" and family == "sd1" and f"{SD1_TEXT_PREFIX}embeddings.token_embedding.weight" not in sd:
+        if (name == "text_encoder" and family == "sd1"
+                and f"{SD1_TEXT_PREFIX}embeddings.token_embedding.weight" not in sd):
             sources = {k: Source("cond_stage_model.transformer." + k) for k in sources}  # pre-4.x transformers
         if name == "unet" and use_ema:
             sources = {k: Source(keymaps.ema_name(s.key), s.transform) for k, s in sources.items()}
@@ -142,7 +144,8 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
         pred, phow = "epsilon", "rule: SD1 checkpoints predict noise"
     if pred is None:
         v = detect.probe_v_prediction(modules["unet"], config.unet.context_dim)
-        pred, phow = ("v_prediction" if v else "epsilon"), "rule: SD2 UNet probe at t=999 (override with prediction_type)"
+        pred = "v_prediction" if v else "epsilon"
+        phow = "rule: SD2 UNet probe at t=999 (override with prediction_type)"
     config = config.replace(prediction_type=pred)
     report.detected["prediction_type"] = (pred, phow)
     tokenizer = CLIPTokenizer.from_metadata(sd.metadata, str(path))

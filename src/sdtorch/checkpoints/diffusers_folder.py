@@ -170,7 +170,8 @@ def component_configs(cfg: ModelConfig) -> dict[str, dict]:
             "freq_shift": 0, "downsample_padding": 1, "upcast_attention": cfg.family == "sd2" and n == 4}
     vae = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "in_channels": v.in_channels,
            "out_channels": v.in_channels, "latent_channels": v.latent_channels,
-           "block_out_channels": list(v.block_channels), "down_block_types": ["DownEncoderBlock2D"] * len(v.block_channels),
+           "block_out_channels": list(v.block_channels),
+           "down_block_types": ["DownEncoderBlock2D"] * len(v.block_channels),
            "up_block_types": ["UpDecoderBlock2D"] * len(v.block_channels), "layers_per_block": v.layers_per_block,
            "norm_num_groups": v.norm_groups, "act_fn": "silu", "sample_size": cfg.sample_size,
            "scaling_factor": v.scaling_factor, "mid_block_add_attention": v.mid_attention}

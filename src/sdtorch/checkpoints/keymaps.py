@@ -43,7 +43,8 @@ def unet_table(cfg: UNetConfig) -> list[tuple]:
     L, n = cfg.layers_per_block, len(cfg.block_channels)
     table = [("time_embedding.linear_1.", "time_embed.0.", None), ("time_embedding.linear_2.", "time_embed.2.", None),
              ("conv_in.", "input_blocks.0.0.", None), ("conv_norm_out.", "out.0.", None), ("conv_out.", "out.2.", None),
-             ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", None),
+             ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET),
+             ("mid_block.attentions.0.", "middle_block.1.", None),
              ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]
     for i in range(n):
         for j in range(L):
