@@ -12,10 +12,12 @@ SDTorchError line naming it and converts every PIL mode the same way:
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import warnings
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,38 +45,37 @@ def open_image(image, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -
         return _normalise(image, mode)
     if not isinstance(image, (str, Path)):
         raise SDTorchError(f"expected an image path or a PIL image, got {type(image).__name__}")
-    path = Path(image)
-    _check_regular(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_pixels(im.size, shown(path), max_pixels)
-                im.load()
-                return _normalise(ImageOps.exif_transpose(im), mode)
-    except _BOMB as e:
-        raise SDTorchError(f"{shown(path)}: the image is too large to read ({_reason(e)})") from None
-    except _DECODE_ERRORS as e:
-        raise SDTorchError(f"{shown(path)}: unreadable image ({_reason(e)})") from None
+    with _loaded(Path(image), max_pixels) as im:
+        return _normalise(ImageOps.exif_transpose(im), mode)
 
 
 def read_text_chunk(image, key: str) -> str | None:
     """The PNG text chunk `key` of an image file (e.g. A1111's "parameters"), or None."""
-    path = Path(image)
+    with _loaded(Path(image)) as im:  # text chunks after the image data are read with it
+        text = im.info.get(key)
+    if text is not None and not isinstance(text, str):
+        text = bytes(text).decode("utf-8", "replace")
+    return text
+
+
+@contextlib.contextmanager
+def _loaded(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """The image file at `path`, opened and decoded, within `max_pixels` if given; a missing, irregular,
+    oversized (PIL's decompression-bomb guard included) or undecodable file is an SDTorchError naming it,
+    and so is a decoding error raised while the caller reads it."""
     _check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im.load()  # text chunks after the image data are read with it
-                text = im.info.get(key)
+                if max_pixels is not None:
+                    _check_pixels(im.size, shown(path), max_pixels)
+                im.load()
+                yield im
     except _BOMB as e:
         raise SDTorchError(f"{shown(path)}: the image is too large to read ({_reason(e)})") from None
     except _DECODE_ERRORS as e:
         raise SDTorchError(f"{shown(path)}: unreadable image ({_reason(e)})") from None
-    if text is not None and not isinstance(text, str):
-        text = bytes(text).decode("utf-8", "replace")
-    return text
 
 
 def _check_regular(path: Path) -> None:
