@@ -69,6 +69,16 @@ def check_folder_destination(path, replace: bool = True, replaceable: Callable[[
     return path
 
 
+def make_parents(path) -> None:
+    """Create the missing folders above `path`, as diffusers' `save_pretrained` does for the Python API's
+    folder writers. Where that fails (a file in the way, no permission) nothing is raised here: the
+    destination check that follows says why in one line."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+
+
 def _check_parent(path: Path) -> None:
     """The folder that will hold `path` exists and takes a new entry (tried, since permission bits do
     not stop root and do not show a read-only mount)."""

@@ -17,7 +17,7 @@ import torch
 
 from ..config import PRESETS, ConfigError, ModelConfig
 from ..errors import CheckpointError
-from ..fileio import atomic_folder, check_file_destination, check_folder_destination, shown
+from ..fileio import atomic_folder, check_file_destination, check_folder_destination, make_parents, shown
 from ..models import AutoencoderKL, CLIPTextModel, UNet
 from ..tokenizer import CLIPTokenizer
 from . import detect, diffusers_folder, keymaps
@@ -240,7 +240,9 @@ def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer,
     before any tensor is converted. (diffusers' save_pretrained writes into an existing folder and
     keeps whatever else it holds, stale weights included; here the result holds exactly this model.)
     `extra_files`: more files for the folder's top level, name -> text (e.g. the generation defaults).
+    Missing folders above `folder` are created, as save_pretrained does.
     """
+    make_parents(folder)
     folder = check_model_destination(folder)
     configs = diffusers_folder.component_configs(config)
     with atomic_folder(folder) as tmp:
@@ -263,7 +265,9 @@ def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer,
 def save_vae(vae: AutoencoderKL, folder, sample_size: int) -> Path:
     """Write an autoencoder alone as diffusers' AutoencoderKL folder (`config.json` + weights), built
     under a temporary name and renamed into place. An existing `folder` is replaced as a whole only
-    when it is empty or such a folder (`is_vae_folder`); anything else there is refused first."""
+    when it is empty or such a folder (`is_vae_folder`); anything else there is refused first. Missing
+    folders above `folder` are created, as save_pretrained does."""
+    make_parents(folder)
     folder = check_folder_destination(folder, replaceable=is_vae_folder,
                                       what="an autoencoder folder (config.json and its weights)")
     config = ModelConfig(family="sd1", vae=vae.config, sample_size=sample_size)
