@@ -34,9 +34,14 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
 
+# 1b. the autoencoder's data: 20,000 more renders whose backgrounds and objects are, with even odds, palette
+#     or uniformly random colours (none within 40 of teal, so teal stays unseen; seed 1). An autoencoder
+#     trained on the palette alone is a palette codec (it draws teal as blue); this makes it an image codec.
+[ -f "$RUNS/shapes-vae-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-vae-train" --count 20000 --seed 1 --random-colors
+
 # 2. the autoencoder (4x down, 16x16x4 latents, no self-attention in the middle blocks: the SHAPES
 #    preset); L1 + KL, no adversarial loss; scaling factor measured
-[ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae" \
+[ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-vae-train" "$RUNS/shapes-vae" \
   --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
   --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start \
   ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
@@ -53,7 +58,7 @@ MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes th
 # 3b. the decoder trained further with the encoder frozen (as SD's ft-MSE VAE): the latents, so the UNet
 #     above, are unchanged. Held-out PSNR 32.17 dB before it; 33.61 dB after it with L1 alone (v7), and
 #     34.54 dB (validation) with the edge term, which also sharpens small squares on gray (docs/shapes-model.md).
-[ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-train" "$RUNS/shapes-vae-ft" \
+[ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$RUNS/shapes-vae-train" "$RUNS/shapes-vae-ft" \
   --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
   --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 --checkpoint-every 250 \
   --edge-weight "$EDGE_WEIGHT" --seed 0 --resume-or-start

@@ -9,7 +9,8 @@ from pathlib import Path
 def make_shapes(args) -> None:
     from .data.shapes import make_shapes as write
 
-    print(f"wrote {write(args.folder, args.count, seed=args.seed, size=args.size)} ({args.count} images)")
+    folder = write(args.folder, args.count, seed=args.seed, size=args.size, random_colors=args.random_colors)
+    print(f"wrote {folder} ({args.count} images)")
 
 
 def evaluate(args) -> None:
@@ -40,6 +41,9 @@ def add_commands(sub) -> None:
     p.add_argument("--count", type=int, default=1000, help="images to render (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="the same seed renders the same images (default: 0)")
     p.add_argument("--size", type=int, default=64, help="canvas side in pixels; every coordinate scales (default: 64)")
+    p.add_argument("--random-colors", action="store_true", help="backgrounds and objects also in random RGB "
+                   "colours (never near teal), captions naming them #rrggbb: data for an autoencoder that "
+                   "must reproduce any colour")
     p.set_defaults(func=make_shapes)
 
     p = sub.add_parser("eval", help="grade a model's prompt adherence")

@@ -8,6 +8,10 @@ left (16,16), top right (48,16), bottom left (16,48), bottom right (48,48), cent
 Triangles are isosceles with the base at the bottom. Edges are anti-aliased (rendered at 4x, box-filtered).
 A `size` other than 64 scales every coordinate. The held-out colour-shape pairs never appear in
 training data; teal (0,150,150) is reserved and appears only when asked for.
+
+A colour may also be written "#rrggbb" (any RGB colour): `make_shapes(..., random_colors=True)` renders the
+autoencoder's data so, objects and backgrounds in uniformly random colours (none within `TEAL_RADIUS` of
+teal) as well as the palette, so that the autoencoder is a general image codec and not a palette codec.
 """
 
 from __future__ import annotations
@@ -52,14 +56,31 @@ class Scene:
         return " and ".join(o.phrase() for o in self.objects) + f" on a {self.background} background"
 
 
+TEAL_RADIUS = 40  # random colours keep this Euclidean RGB distance from teal, so teal stays unseen
+
+
 def _rgb(color: str) -> tuple[int, int, int]:
+    if color.startswith("#"):
+        return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
     return TEAL if color == "teal" else COLORS[color]
+
+
+def _background_rgb(background: str) -> tuple[int, int, int]:
+    return _rgb(background) if background.startswith("#") else BACKGROUNDS[background]
+
+
+def random_color(rng: random.Random) -> str:
+    """A colour uniform in the RGB cube outside the ball of radius `TEAL_RADIUS` around teal, as "#rrggbb"."""
+    while True:
+        rgb = tuple(rng.randrange(256) for _ in range(3))
+        if sum((a - b) ** 2 for a, b in zip(rgb, TEAL)) > TEAL_RADIUS ** 2:
+            return "#%02x%02x%02x" % rgb
 
 
 def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Image.Image:
     """Draw a scene; `rng` adds the allowed jitter (±1 px size, ±2 px position, at 64 px)."""
     k = size / 64 * SUPERSAMPLE
-    img = Image.new("RGB", (round(64 * k),) * 2, BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (round(64 * k),) * 2, _background_rgb(scene.background))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         side = SIZES[o.size] + (rng.randint(-1, 1) if rng else 0)
@@ -97,6 +118,21 @@ def random_scene(rng: random.Random, two: bool | None = None, colors=tuple(COLOR
     return Scene(tuple(objects), background)
 
 
+def random_color_scene(rng: random.Random, two: bool | None = None) -> Scene:
+    """A scene of the grammar's layout whose background and objects are each, with even odds, a palette
+    colour or a `random_color`; an object is never within 48 (RGB distance) of its background."""
+    background = rng.choice(list(BACKGROUNDS)) if rng.random() < 0.5 else random_color(rng)
+    scene = random_scene(rng, two=two)
+    objects = []
+    for o in scene.objects:
+        while True:
+            color = rng.choice(list(COLORS)) if rng.random() < 0.5 else random_color(rng)
+            if sum((a - b) ** 2 for a, b in zip(_rgb(color), _background_rgb(background))) > 48 ** 2:
+                break
+        objects.append(Obj(o.size, color, o.shape, o.position))
+    return Scene(tuple(objects), background)
+
+
 MIN_SIZE, MAX_SIZE = 16, 1024  # canvas side: a small shape is 4 px at 16; 1024 renders a 4096 px supersample
 
 
@@ -113,9 +149,11 @@ def check_make_shapes(count, seed, size) -> None:
         raise SDTorchError(f"--size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
 
 
-def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: bool = True) -> Path:
+def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: bool = True,
+                random_colors: bool = False) -> Path:
     """Write `count` images with same-name caption files (the trainers' image-folder format): half with
-    one object, half with two, no held-out pair, no teal. Deterministic for a seed.
+    one object, half with two, no held-out pair, no teal. Deterministic for a seed. With `random_colors`,
+    the scenes of `random_color_scene` (the autoencoder's data; captions name colours as "#rrggbb").
 
     The folder is built under a temporary name and renamed into place, whole or not at all. An existing
     `folder` is replaced as a whole only when it is empty or an earlier make-shapes dataset (files named
@@ -130,7 +168,7 @@ def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: boo
     rng = random.Random(seed)
     with atomic_folder(folder) as tmp:
         for i in tqdm(range(count), desc="make-shapes", disable=not progress):
-            scene = random_scene(rng, two=i % 2 == 1)
+            scene = (random_color_scene if random_colors else random_scene)(rng, two=i % 2 == 1)
             render(scene, size, rng).save(tmp / f"{i:06d}.png")
             (tmp / f"{i:06d}.txt").write_text(scene.caption() + "\n")
     return folder
