@@ -31,6 +31,8 @@ MAX_LENGTH=${MAX_LENGTH:-24}  # token positions per caption (train --max-length;
 TOKENIZER=${TOKENIZER:-src/sdtorch/data/shapes-model}  # the shipped model's tokenizer (its ids); or captions, or another folder
 MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes the model (the package's folder)
 
+mkdir -p "$RUNS"
+
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
 
