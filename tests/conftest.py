@@ -69,6 +69,16 @@ def save_reference_folder(folder, layout: str, seed: int = 0):
     return unet, vae, text
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on a busy 2-core machine, two threads wait on each other and tiny models run up to 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", params=list(LAYOUTS))
 def reference(request, tmp_path_factory):
     """A diffusers folder per layout, with the in-memory reference modules that wrote it."""

@@ -148,6 +148,9 @@ BAD_INPUTS = [
     row(SHAPES, ["--size", "0"], ["--size"], "shapes-size-0"),
     row(SHAPES, ["--size", "8"], ["--size", "16"], "shapes-size-too-small"),
     row(SHAPES, ["--size", "5000"], ["--size", "1024"], "shapes-size-huge"),
+    row(SHAPES, ["--with-color", "cyan"], ["--with-color", "teal"], "shapes-with-unknown-colour"),
+    row(SHAPES, ["--with-color", "teal", "--random-colors"], ["cannot be combined"], "shapes-with-colour-and-random"),
+    row(EVAL, ["--n-teal", "-2"], ["--n-teal"], "eval-n-teal-negative"),
     row(SHAPES, [], ["file.txt"], "shapes-folder-is-a-file", out="{file}"),
     row(SHAPES, [], ["file.txt"], "shapes-folder-under-a-file", out="{file}/data"),
     # eval shapes: checked before the model loads
@@ -261,8 +264,12 @@ def test_args_check_covers_every_field():
     in its check (or is a bool or a free-form string whose use checks it)."""
     import inspect
 
-    for cls, free in [(TrainArgs, {"config", "tokenizer", "text_encoder"}), (VAETrainArgs, {"config"})]:
-        source = inspect.getsource(cls.check)
+    from sdtorch.training.lora import LoraTrainArgs
+
+    for cls, free in [(TrainArgs, {"config", "tokenizer", "text_encoder"}), (VAETrainArgs, {"config"}),
+                      (LoraTrainArgs, {"model", "name"})]:  # model: sdtorch.load checks it; name: lora_name
+        # a field may be checked by the class that declares it or by a base class's check (RunArgs and so on)
+        source = "".join(inspect.getsource(c.check) for c in cls.__mro__ if "check" in vars(c))
         for f in dataclasses.fields(cls):
             if f.type == "bool" or f.name in free:
                 continue

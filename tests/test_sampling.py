@@ -24,22 +24,14 @@ from sdtorch.sampling import (SAMPLERS, CFGDenoiser, EpsDenoiser, VDenoiser, alp
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy 2 vs diffusers' np.array(tensor)
-              pytest.mark.filterwarnings("ignore:Should have ta>=t0")]  # torchsde, queried at its exact ends
+              pytest.mark.filterwarnings("ignore:Should have ta>=t0"),  # torchsde, queried at its exact ends
+              pytest.mark.usefixtures("one_thread")]  # the tiny UNet is ~30x faster on one thread than two contended
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (1, 4, 8, 8)
 EPS32 = torch.finfo(torch.float32).eps
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet is ~30x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

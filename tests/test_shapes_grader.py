@@ -189,6 +189,37 @@ def test_prompt_splits():
     assert sorted(pair(s.objects[0]) for s in by_split["heldout"]) == sorted(list(HELD_OUT) * 2)
     assert all(len(s.objects) == 2 and not {pair(o) for o in s.objects} & HELD_OUT for s in by_split["two"])
     assert all(o.color != "teal" for _, s in items for o in s.objects)
+    with_teal = shapes_prompts(seed=3, n_seen=40, n_heldout=8, n_two=20, n_teal=6)
+    assert with_teal[:len(items)] == items  # asking for teal prompts leaves the others (and their seeds) as they were
+    teal = with_teal[len(items):]
+    assert len(teal) == 6 and all(split == "teal" and len(s.objects) == 1 and s.objects[0].color == "teal"
+                                  for split, s in teal)
+
+
+def test_teal_split_only_where_asked_and_graded():
+    model = Painter()
+    report = evaluate_shapes(model, steps=2, n_seen=1, n_heldout=0, n_two=0, n_teal=3, progress=False, roundtrip=False)
+    assert report["splits"]["teal"]["n"] == 3 and report["splits"]["teal"]["exact"]["accuracy"] == 1.0
+    assert report["settings"]["n_teal"] == 3 and report["settings"]["loras"] == []
+    report = evaluate_shapes(Painter(), steps=2, n_seen=1, n_heldout=0, n_two=0, progress=False, roundtrip=False)
+    assert "teal" not in report["splits"]
+
+
+def test_make_shapes_colour_options(tmp_path):
+    from sdtorch.data.shapes import TEAL_RADIUS, _rgb, make_shapes, random_color_scene
+
+    rng = random.Random(0)
+    scenes = [random_color_scene(rng, two=i % 2 == 1) for i in range(400)]
+    colours = [o.color for s in scenes for o in s.objects] + [s.background for s in scenes]
+    randoms = [c for c in colours if c.startswith("#")]
+    assert 0.3 < len(randoms) / len(colours) < 0.7  # even odds of palette and random colours
+    assert all(sum((a - b) ** 2 for a, b in zip(_rgb(c), TEAL)) > TEAL_RADIUS ** 2 for c in randoms)  # teal unseen
+    make_shapes(tmp_path / "teal", 6, seed=2, progress=False, with_color="teal")
+    captions = [(tmp_path / "teal" / f"{i:06d}.txt").read_text() for i in range(6)]
+    assert all(parse_caption(c).objects[0].color == "teal" for c in captions)
+    assert [len(parse_caption(c).objects) for c in captions] == [1, 2] * 3
+    for i, c in enumerate(captions):  # the images read back as their captions
+        assert grade(Image.open(tmp_path / "teal" / f"{i:06d}.png"), c)["exact"], c
 
 
 class Painter:

@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $SDTORCH_MODELS)")
     p.set_defaults(func=cmd_models)
 
-    from . import cli_generate, cli_shapes, cli_train
+    from . import cli_generate, cli_lora, cli_shapes, cli_train
 
     cli_generate.add_commands(sub)
+    cli_lora.add_commands(sub)
     cli_train.add_commands(sub)
     cli_shapes.add_commands(sub)
     return parser

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import string
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from . import infotext
 from .errors import SDTorchError
 from .fileio import atomic_file, check_file_destination, shown
+from .lora.prompt import applied_loras
 
 
 def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> None:
@@ -44,6 +46,18 @@ def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> 
                    "{{ and }} for braces), else -0, -1, ... are added for a batch (default: sdtorch-{seed}.png)")
     if strength:
         p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 replaces it (default: 0.75)")
+    add_lora_flags(p)
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE_OR_NAME[:SCALE]",
+                   help="apply a LoRA: a file, or a name in the LoRA folder or built in (teal); SCALE after the last "
+                   "':' if it is a number (default 1); repeatable. A prompt may also name LoRAs as A1111 does: "
+                   "<lora:NAME> or <lora:NAME:SCALE>")
+    p.add_argument("--lora-dir", metavar="DIR", help="the folder where LoRA names are looked up (default: "
+                   "$SDTORCH_LORAS, else ~/.local/share/sdtorch/loras)")
+    p.add_argument("--lora-partial", action="store_true", help="load a LoRA that only partly matches the model, "
+                   "with a warning, instead of failing (default: off)")
 
 
 def output_paths(pattern: str, seeds: list[int]) -> list[Path]:
@@ -113,6 +127,54 @@ def _save(images, paths, texts) -> None:
         print(f"wrote {shown(path)}")
 
 
+@dataclasses.dataclass
+class LoraPlan:
+    """The LoRAs of one run: the prompt to encode (tags cut out), what to load in order (prompt tags, then --lora
+    flags), the prompt to record (flags added as tags) and the files named by path (the "Lora files" field)."""
+    prompt: str
+    refs: list
+    recorded_prompt: str
+    files: dict[str, str]
+
+
+def lora_plan(args) -> LoraPlan:
+    """Find every LoRA of the prompt and the --lora flags (one line if a name or file is missing, a scale is bad,
+    or a recorded hash differs), before the model loads."""
+    from .lora.adapters import find_lora, lora_hash
+    from .lora.prompt import LoraRef, lora_tag, safe_name, split_lora_flag, split_lora_tags
+
+    folder = getattr(args, "lora_dir", None)
+    known_files = getattr(args, "lora_files", None) or {}
+    clean, tags = split_lora_tags(args.prompt)
+    refs, files, added = [], {}, []
+    for name, scale in tags:
+        path = Path(known_files[name]) if name in known_files else find_lora(name, folder)
+        refs.append(LoraRef(name, path, scale))
+        if name in known_files:
+            files[name] = known_files[name]
+    for text in getattr(args, "lora", None) or []:
+        source, scale, not_number = split_lora_flag(text)
+        try:
+            path = find_lora(source, folder)
+        except SDTorchError:
+            if not_number is not None and Path(text.rpartition(":")[0]).expanduser().is_file():
+                raise SDTorchError(f"--lora {text}: scale {not_number!r} is not a number") from None
+            raise
+        by_path = Path(source).expanduser().is_file()
+        name = safe_name(path.stem if by_path else source)
+        if by_path or name != source:
+            files[name] = str(path.resolve())
+        refs.append(LoraRef(name, path, scale))
+        added.append(lora_tag(name, scale))
+    for name, want in (getattr(args, "lora_hashes", None) or {}).items():
+        ref = next((r for r in refs if r.name == name), None)
+        if ref is not None and lora_hash(ref.source) != want:
+            raise SDTorchError(f"LoRA {name!r} ({shown(ref.source)}) has hash {lora_hash(ref.source)}, the image was "
+                               f"made with {want}; replaying would not reproduce it")
+    recorded = " ".join([args.prompt, *added]) if added else args.prompt
+    return LoraPlan(clean, refs, recorded, files)
+
+
 def _check_model_path(model: str) -> None:
     """A model path that exists is a regular file or a folder (a FIFO or device would block the reader)."""
     from .pipeline import BUILTIN
@@ -145,30 +207,41 @@ def run(args, kind: str, digest: str | None = None) -> None:
     seeds = [req.seed + i for i in range(req.batch_size)]
     paths = output_paths(args.output, seeds)
     _check_model_path(args.model)
+    plan = lora_plan(args)
     model = load(args.model, dtype=args.dtype)
     digest = digest or infotext.model_hash(args.model)
-    common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, seed=req.seed,
-                  batch_size=req.batch_size, karras=req.karras, clip_skip=req.clip_skip, progress=True,
-                  limits=limits, **{k: getattr(args, k) for k in GENERATION_DEFAULTS})
-    if kind == "txt2img":
-        out = model.txt2img(req.prompt, **common)
-    elif kind == "img2img":
-        out = model.img2img(source, req.prompt, strength=req.strength, **common)
-    elif kind == "outpaint":
-        left, top, right, bottom = args.pad
-        out = model.outpaint(source, req.prompt, left=left, top=top, right=right, bottom=bottom, **common)
-    else:
-        out = model.inpaint(source, mask, req.prompt, **common)
+    folder, partial = getattr(args, "lora_dir", None), getattr(args, "lora_partial", False)
+    with applied_loras(model, plan.refs, folder, partial) as nets:
+        for lora_name, (_, report) in nets.items():
+            print(f"LoRA {lora_name}: {report.summary()}", file=sys.stderr)
+        out = _generate(model, kind, args, req, plan.prompt, source, mask, limits)
     used = {k: getattr(args, k) if getattr(args, k) is not None else model.default(k) for k in GENERATION_DEFAULTS}
-    texts = [infotext.build(req.prompt, req.negative_prompt, {
+    texts = [infotext.build(plan.recorded_prompt, req.negative_prompt, {
         "Steps": used["steps"], "Sampler": infotext.A1111_NAMES[used["sampler"]],
         "Schedule type": "Karras" if req.karras else None, "CFG scale": used["guidance"], "Seed": seed,
         "Size": f"{im.width}x{im.height}", "Model hash": digest,
         "Model": args.model.encode("utf-8", "backslashreplace").decode("utf-8"),
         "Denoising strength": req.strength if kind == "img2img" else None,
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if kind == "txt2img" else kind,
+        **infotext.lora_fields({n: net.hash for n, (net, _) in nets.items()}, plan.files),
     }) for im, seed in zip(out, seeds)]
     _save(out, paths, texts)
+
+
+def _generate(model, kind: str, args, req, prompt: str, source, mask, limits):
+    from .pipeline import GENERATION_DEFAULTS
+
+    common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, seed=req.seed,
+                  batch_size=req.batch_size, karras=req.karras, clip_skip=req.clip_skip, progress=True,
+                  limits=limits, **{k: getattr(args, k) for k in GENERATION_DEFAULTS})
+    if kind == "txt2img":
+        return model.txt2img(prompt, **common)
+    if kind == "img2img":
+        return model.img2img(source, prompt, strength=req.strength, **common)
+    if kind == "outpaint":
+        left, top, right, bottom = args.pad
+        return model.outpaint(source, prompt, left=left, top=top, right=right, bottom=bottom, **common)
+    return model.inpaint(source, mask, prompt, **common)
 
 
 def replay(args) -> None:
@@ -211,9 +284,15 @@ def replay(args) -> None:
         print(f"sdtorch: warning: {shown(model_path)} has hash {digest}, the image was made with "
               f"{shown(f['Model hash'])}; the result will differ", file=sys.stderr)
     output = args.output or str(Path(args.image).with_suffix("")).replace("{", "{{").replace("}", "}}") + "-replay.png"
+    try:
+        loras = infotext.lora_records(f)
+    except SDTorchError as e:
+        raise SDTorchError(f"{image}: {e}") from None
     run(argparse.Namespace(prompt=prompt, negative_prompt=negative, width=width, height=height,
                            sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras, dtype=None,
-                           model=model_path, output=output, **numbers), "txt2img", digest)
+                           model=model_path, output=output, lora_dir=args.lora_dir, **loras, **numbers),
+        "txt2img", digest)
+
 
 
 def samplers(args) -> None:
@@ -260,6 +339,8 @@ def add_commands(sub) -> None:
     p.add_argument("image", help="a PNG made by sdtorch or AUTOMATIC1111, with its parameters text")
     p.add_argument("--model", "-m", help="the model (default: the path recorded in the image)")
     p.add_argument("--output", "-o", help="PNG path (default: IMAGE-replay.png beside the image)")
+    p.add_argument("--lora-dir", metavar="DIR", help="where the LoRAs named in the prompt are looked up (default: "
+                   "$SDTORCH_LORAS, else ~/.local/share/sdtorch/loras); each must have its recorded hash")
     p.set_defaults(func=replay)
 
     p = sub.add_parser("samplers", help="list the samplers")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from .lora.prompt import applied_loras
 
 
 def make_shapes(args) -> None:
     from .data.shapes import make_shapes as write
 
-    folder = write(args.folder, args.count, seed=args.seed, size=args.size, random_colors=args.random_colors)
+    folder = write(args.folder, args.count, seed=args.seed, size=args.size, random_colors=args.random_colors,
+                   with_color=args.with_color)
     print(f"wrote {folder} ({args.count} images)")
 
 
@@ -19,19 +23,39 @@ def evaluate(args) -> None:
 
     out = Path(args.output)
     check_shapes_eval(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                      n_seen=args.n_seen, n_heldout=args.n_heldout, n_two=args.n_two)
+                      n_seen=args.n_seen, n_heldout=args.n_heldout, n_two=args.n_two,
+                      n_teal=args.n_teal)
     check_output_folder(out)  # both before the model loads; the folder itself is written at the end
+    refs = _lora_refs(args)
     model = load(args.model)
-    report = evaluate_shapes(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                             n_seen=args.n_seen, n_heldout=args.n_heldout, n_two=args.n_two, out_dir=out)
+    with applied_loras(model, refs, args.lora_dir) as nets:
+        for name, (_, match) in nets.items():
+            print(f"LoRA {name}: {match.summary()}", file=sys.stderr)
+        report = evaluate_shapes(model, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                 seed=args.seed, n_seen=args.n_seen, n_heldout=args.n_heldout, n_two=args.n_two,
+                                 n_teal=args.n_teal, out_dir=out)
     ceiling = _exact(report["autoencoder"]["splits"])
     print(json.dumps({"exact": _exact(report["splits"]), "autoencoder round trip": ceiling}, indent=2))
     print(f"wrote {out / 'report.json'} and {out / 'contact_sheet.png'}")
 
 
+def _lora_refs(args) -> list:
+    """The --lora flags as LoRAs to apply, every file found before the model loads."""
+    from .lora.adapters import find_lora
+    from .lora.prompt import LoraRef, safe_name, split_lora_flag
+
+    refs = []
+    for text in args.lora:
+        source, scale, _ = split_lora_flag(text)
+        path = find_lora(source, args.lora_dir)
+        refs.append(LoraRef(safe_name(path.stem), path, scale))
+    return refs
+
+
 def _exact(splits: dict) -> dict:
     """{split: exact-match accuracy, 4 decimals} of a report's per-split summaries."""
-    return {split: round(r["exact"]["accuracy"], 4) for split, r in splits.items()}
+    return {split: None if r["exact"]["accuracy"] is None else round(r["exact"]["accuracy"], 4)
+            for split, r in splits.items()}
 
 
 def add_commands(sub) -> None:
@@ -43,7 +67,10 @@ def add_commands(sub) -> None:
     p.add_argument("--size", type=int, default=64, help="canvas side in pixels; every coordinate scales (default: 64)")
     p.add_argument("--random-colors", action="store_true", help="backgrounds and objects also in random RGB "
                    "colours (never near teal), captions naming them #rrggbb: data for an autoencoder that "
-                   "must reproduce any colour")
+                   "must reproduce any colour (default: palette colours only)")
+    p.add_argument("--with-color", metavar="COLOR", help="every image's first object in this colour: teal "
+                   "(never in the built-in model's data, so the data for teaching it a colour) or a palette colour "
+                   "(default: none)")
     p.set_defaults(func=make_shapes)
 
     p = sub.add_parser("eval", help="grade a model's prompt adherence")
@@ -59,7 +86,14 @@ def add_commands(sub) -> None:
     e.add_argument("--n-heldout", type=int, default=40, help="prompts of one object, one of the four held-out "
                    "pairs (default: 40)")
     e.add_argument("--n-two", type=int, default=60, help="prompts of two objects, in two corners (default: 60)")
+    e.add_argument("--n-teal", type=int, default=0, help="prompts of one teal object, a colour the built-in "
+                   "model never saw: whether a LoRA taught it (default: 0)")
     e.add_argument("--output", "-o", default="shapes-eval", help="folder for report.json and contact_sheet.png, "
                    "written whole; an existing one is replaced only if it is empty or an earlier evaluation's "
                    "(default: shapes-eval)")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE_OR_NAME[:SCALE]",
+                   help="grade with this LoRA loaded (a file, or a name in the LoRA folder or built in; SCALE "
+                   "after the last ':' if it is a number, default 1); repeatable; recorded in the report's settings")
+    e.add_argument("--lora-dir", metavar="DIR", help="where LoRA names are looked up (default: $SDTORCH_LORAS, "
+                   "else ~/.local/share/sdtorch/loras)")
     e.set_defaults(func=evaluate)

@@ -1,4 +1,4 @@
-"""`sdtorch train` and `sdtorch train-vae`: flags generated from the trainers' argument dataclasses.
+"""`sdtorch train`, `train-vae` and `train-lora`: flags generated from the trainers' argument dataclasses.
 
 The same command runs under `torchrun --nproc_per_node N` for DistributedDataParallel training.
 """
@@ -16,7 +16,7 @@ import warnings
 # The option groups of `--help`, in this order: each argument field names its group (training/common.option).
 GROUPS = {"data": "data", "model": "model", "loss": "loss", "optimisation": "optimisation",
           "performance": "memory and speed", "checkpoints": "checkpoints and resuming",
-          "output": "output and logging"}
+          "lora": "LoRA network", "output": "output and logging"}
 
 
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls, positional: tuple[str, ...]) -> None:
@@ -66,6 +66,7 @@ def _run(cls, fn, args) -> None:
 def add_commands(sub) -> None:
     from .training.autoencoder import VAETrainArgs
     from .training.diffusion import TrainArgs
+    from .training.lora import LoraTrainArgs
 
     p = sub.add_parser("train", help="train the text-conditioned UNet (and text encoder) on an image folder")
     _add_dataclass_flags(p, TrainArgs, positional=("data", "output"))
@@ -74,6 +75,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser("train-vae", help="train the autoencoder on an image folder")
     _add_dataclass_flags(p, VAETrainArgs, positional=("data", "output"))
     p.set_defaults(func=lambda a: _run(VAETrainArgs, _train_fn("autoencoder"), a))
+
+    p = sub.add_parser("train-lora", help="train a LoRA (low-rank adapters) on a frozen model from an image folder")
+    _add_dataclass_flags(p, LoraTrainArgs, positional=("data", "output"))
+    p.set_defaults(func=lambda a: _run(LoraTrainArgs, _train_fn("lora"), a))
 
 
 def _train_fn(module: str):

@@ -4,7 +4,9 @@ out right, per split:
 
 - seen: one object, colour-shape pairs that appear in training;
 - heldout: one object, exactly the four held-out colour-shape pairs (compositional generalisation);
-- two: two objects in two corners, seen pairs only (binding of attributes to objects).
+- two: two objects in two corners, seen pairs only (binding of attributes to objects);
+- teal: one teal object (a colour the built-in model never saw; graded only when asked for, `n_teal`):
+  whether a LoRA taught it the colour.
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.analyse import analyse, match
-from .data.shapes import BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SIZES, Obj, Scene, allowed, random_scene, render
+from .data.shapes import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SIZES, Obj, Scene, allowed, random_scene, render,
+                          with_color_scene)
 from .fileio import atomic_folder, check_folder_destination
 
-SPLITS = ("seen", "heldout", "two")
+SPLITS = ("seen", "heldout", "two")  # always in a report
+ASKED_SPLITS = ("teal",)  # in a report only where asked for
 OBJECT_ATTRIBUTES = ("color", "shape", "size", "position")  # counted per expected object
 ATTRIBUTES = (*OBJECT_ATTRIBUTES, "background")  # background: counted per image
 
 
-def shapes_prompts(seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60) -> list[tuple[str, Scene]]:
-    """(split, scene) pairs, deterministic for a seed; the held-out split cycles through the four pairs."""
+def shapes_prompts(seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60,
+                   n_teal: int = 0) -> list[tuple[str, Scene]]:
+    """(split, scene) pairs, deterministic for a seed; the held-out split cycles through the four pairs. The
+    teal prompts come last, so asking for them leaves the other prompts (and their seeds) as they were."""
     rng = random.Random(seed)
     items = [("seen", random_scene(rng, two=False)) for _ in range(n_seen)]
     pairs = sorted(HELD_OUT)
@@ -36,24 +42,25 @@ def shapes_prompts(seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: 
         obj = Obj(rng.choice(list(SIZES)), color, shape, rng.choice(list(POSITIONS)))
         items.append(("heldout", Scene((obj,), background)))
     items += [("two", random_scene(rng, two=True)) for _ in range(n_two)]
+    items += [("teal", with_color_scene(rng, "teal", two=False)) for _ in range(n_teal)]
     return items
 
 
 def check_shapes_eval(*, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-                      seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60) -> None:
+                      seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, n_teal: int = 0) -> None:
     """The grading settings, checked before the model loads: integer counts of 0 or more, not all 0, every
     prompt's seed (seed + i) in range, and a sampler, steps and guidance that a generation accepts
     (`Request.validate`; the bounds of the model's own schedule are checked when it generates)."""
     from .errors import SDTorchError
     from .generation import MAX_SEED, Request
 
-    counts = {"--n-seen": n_seen, "--n-heldout": n_heldout, "--n-two": n_two}
+    counts = {"--n-seen": n_seen, "--n-heldout": n_heldout, "--n-two": n_two, "--n-teal": n_teal}
     for name, n in counts.items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise SDTorchError(f"{name} must be an integer, 0 or more, got {n!r}")
     total = sum(counts.values())
     if total == 0:
-        raise SDTorchError("--n-seen, --n-heldout and --n-two are all 0: there is nothing to grade")
+        raise SDTorchError("--n-seen, --n-heldout, --n-two and --n-teal are all 0: there is nothing to grade")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - (total - 1):
         raise SDTorchError(f"--seed must be an integer from 0 to 2**64 - {total} (prompt i uses seed + i), "
                            f"got {seed!r}")
@@ -62,8 +69,8 @@ def check_shapes_eval(*, sampler: str | None = None, steps: int | None = None, g
 
 
 def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-                    seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, out_dir=None,
-                    progress: bool = True, roundtrip: bool = True) -> dict:
+                    seed: int = 0, n_seen: int = 60, n_heldout: int = 40, n_two: int = 60, n_teal: int = 0,
+                    out_dir=None, progress: bool = True, roundtrip: bool = True) -> dict:
     """Generate one image per prompt (seed + i for the i-th), grade it, and summarise per split.
 
     sampler, steps and guidance left as None take the model's defaults (`model.default`).
@@ -75,7 +82,7 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
     folder, whole or not at all (see `check_output_folder`, which runs first).
     """
     check_shapes_eval(sampler=sampler, steps=steps, guidance=guidance, seed=seed, n_seen=n_seen,
-                      n_heldout=n_heldout, n_two=n_two)
+                      n_heldout=n_heldout, n_two=n_two, n_teal=n_teal)
     if out_dir is not None:
         check_output_folder(out_dir)
     from tqdm.auto import tqdm
@@ -83,7 +90,7 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
     sampler, steps, guidance = (model.default(k) if v is None else v
                                 for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance)))
     side = model.config.sample_size
-    items = shapes_prompts(seed, n_seen, n_heldout, n_two)
+    items = shapes_prompts(seed, n_seen, n_heldout, n_two, n_teal)
     records, images = [], []
     for i, (split, scene) in enumerate(tqdm(items, desc="evaluate-shapes", disable=not progress)):
         prompt = scene.caption()
@@ -95,7 +102,8 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
         images.append(image)
     report = {
         "settings": {"model": getattr(model, "name", ""), "sampler": sampler, "steps": steps, "guidance": guidance,
-                     "seed": seed, "size": side, "n_seen": n_seen, "n_heldout": n_heldout, "n_two": n_two},
+                     "seed": seed, "size": side, "n_seen": n_seen, "n_heldout": n_heldout, "n_two": n_two,
+                     "n_teal": n_teal, "loras": _loras(model)},
         **summarise_splits(records),
         "items": records,
     }
@@ -107,6 +115,12 @@ def evaluate_shapes(model, *, sampler: str | None = None, steps: int | None = No
             contact_sheet(images, [r["prompt"] for r in records], [r["exact"] for r in records]).save(
                 tmp / "contact_sheet.png")
     return report
+
+
+def _loras(model) -> list[dict]:
+    """The LoRAs loaded on `model` as the report records them (name, path, scale, A1111 hash)."""
+    return [{"name": name, "path": str(Path(net.path).resolve()) if net.path else None, "scale": net.scale,
+             "hash": net.hash} for name, net in getattr(model, "loras", {}).items()]
 
 
 def check_output_folder(out_dir) -> Path:
@@ -145,9 +159,12 @@ def roundtrip(vae, scene: Scene, rng: random.Random, size: int = 64) -> dict:
 
 
 def summarise_splits(records: list[dict]) -> dict:
-    """{"overall": summary of all records, "splits": {split: summary of that split's records}}."""
+    """{"overall": summary of all records, "splits": {split: summary of that split's records}}; the teal split
+    only where it was asked for."""
+    present = {r["split"] for r in records}
+    names = [*SPLITS, *(n for n in ASKED_SPLITS if n in present)]
     return {"overall": summarise(records),
-            "splits": {name: summarise([r for r in records if r["split"] == name]) for name in SPLITS}}
+            "splits": {name: summarise([r for r in records if r["split"] == name]) for name in names}}
 
 
 def summarise(records: list[dict]) -> dict:

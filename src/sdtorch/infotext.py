@@ -6,7 +6,9 @@ Format, as A1111 writes it:
     Negative prompt: <negative prompt>
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, ...
 
-Values that contain a comma, colon or quote are written as JSON strings, as A1111 does.
+Values that contain a comma, colon or quote are written as JSON strings, as A1111 does. LoRAs: the prompt keeps its
+`<lora:NAME:SCALE>` tags and `Lora hashes: "name: hash, name2: hash2"` holds their short hashes (A1111's
+`extra_networks_lora.py`); sdtorch adds `Lora files`, a JSON object {name: path} for LoRAs given as files.
 """
 
 from __future__ import annotations
@@ -70,6 +72,29 @@ def build(prompt: str, negative_prompt: str, fields: dict) -> str:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
+
+
+def lora_fields(hashes: dict[str, str], files: dict[str, str]) -> dict:
+    """The "Lora hashes" field as A1111 writes it (names without ':' or ',') and sdtorch's "Lora files"."""
+    text = ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items() if h)
+    return {"Lora hashes": text or None, "Lora files": json.dumps(files) if files else None}
+
+
+def lora_records(fields: dict) -> dict:
+    """{"lora_hashes": {name: hash}, "lora_files": {name: path}} read back from those fields; SDTorchError if bad."""
+    hashes, files = {}, {}
+    for item in filter(None, (s.strip() for s in fields.get("Lora hashes", "").split(","))):
+        name, sep, digest = item.rpartition(":")
+        if not sep or not name.strip() or not digest.strip():
+            raise SDTorchError(f"malformed 'Lora hashes' entry {item!r} (expected NAME: HASH)")
+        hashes[name.strip()] = digest.strip()
+    if fields.get("Lora files"):
+        try:
+            files = json.loads(fields["Lora files"])
+            assert isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+        except (ValueError, AssertionError):
+            raise SDTorchError("malformed 'Lora files' field (expected a JSON object of name: path)") from None
+    return {"lora_hashes": hashes, "lora_files": files}
 
 
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

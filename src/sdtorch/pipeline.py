@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import checkpoints
 from .config import PRESETS, ModelConfig
 from .errors import SDTorchError
+from .lora import adapters
 from .models import AutoencoderKL, CLIPTextModel, UNet
 from .tokenizer import CLIPTokenizer
 
@@ -69,6 +70,29 @@ class StableDiffusion:
         self.config = dataclasses.replace(self.config, vae=vae.config)
         return self
 
+    def load_lora(self, path_or_name, scale: float = 1.0, name: str | None = None, partial: bool = False, *,
+                  folder=None):
+        """Attach a LoRA file or named LoRA (see `lora.adapters.load_lora`); returns its match report."""
+        return adapters.load_lora(self, path_or_name, scale, name, partial, folder=folder)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        adapters.set_lora_scale(self, name, scale)
+
+    def unload_lora(self, name: str) -> None:
+        adapters.unload_lora(self, name)
+
+    @property
+    def loras(self) -> dict:
+        """The attached LoRA networks by name, in load order."""
+        return adapters.loras(self)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRAs into the base weights (`unmerge_lora` restores them bit for bit)."""
+        adapters.merge_lora(self)
+
+    def unmerge_lora(self) -> None:
+        adapters.unmerge_lora(self)
+
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
 
@@ -114,16 +138,31 @@ class StableDiffusion:
         self.last_seeds = seeds
         return out if output_type == "tensor" else images.to_pil(out)
 
+    def known_words(self) -> list[str] | None:
+        """The model's prompt vocabulary and the caption words of its loaded LoRAs (their sdtorch_vocabulary
+        metadata, as `sdtorch train-lora` writes it); None where the model does not say what it knows."""
+        if self.vocabulary is None:
+            return None
+        words = list(self.vocabulary)
+        for net in self.loras.values():
+            try:
+                extra = json.loads((net.metadata or {}).get("sdtorch_vocabulary", "[]"))
+            except ValueError:
+                extra = []
+            words += [w for w in extra if isinstance(w, str) and w not in words]
+        return words
+
     def _warn(self, req, given_size: bool) -> None:
         """Warn (once per request) about a prompt with words the model was not trained on, and about a
         size asked for that is not the model's training size: both give poor images, not errors."""
         from . import generation
 
-        unknown = generation.unknown_words(req.prompt, self.vocabulary) if self.vocabulary else []
+        vocabulary = self.known_words()
+        unknown = generation.unknown_words(req.prompt, vocabulary) if vocabulary else []
         if unknown:
             see = f" (see {BUILTIN_DOCS[self.name]})" if self.name in BUILTIN_DOCS else ""
             warnings.warn(f"the model {self.name} does not know {', '.join(map(repr, unknown))}; it knows: "
-                          f"{', '.join(self.vocabulary)}{see}", stacklevel=4)
+                          f"{', '.join(vocabulary)}{see}", stacklevel=4)
         side = self.config.sample_size
         if given_size and (req.width, req.height) != (side, side):
             warnings.warn(f"{req.width}x{req.height} differs from the {side}x{side} this model was trained at; "

@@ -136,7 +136,7 @@ def random_color_scene(rng: random.Random, two: bool | None = None) -> Scene:
 MIN_SIZE, MAX_SIZE = 16, 1024  # canvas side: a small shape is 4 px at 16; 1024 renders a 4096 px supersample
 
 
-def check_make_shapes(count, seed, size) -> None:
+def check_make_shapes(count, seed, size, random_colors: bool = False, with_color: str | None = None) -> None:
     """make-shapes' numbers, before any file is written: integers, at least one image, a supported size."""
     from ..errors import SDTorchError
 
@@ -145,15 +145,31 @@ def check_make_shapes(count, seed, size) -> None:
             raise SDTorchError(f"--{name} must be an integer, got {value!r}")
     if count < 1:
         raise SDTorchError(f"--count must be at least 1, got {count}")
+    if with_color is not None and with_color != "teal" and with_color not in COLORS:
+        raise SDTorchError(f"--with-color must be teal or a palette colour ({', '.join(COLORS)}), got {with_color!r}")
+    if with_color is not None and random_colors:
+        raise SDTorchError("--with-color and --random-colors cannot be combined")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise SDTorchError(f"--size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
 
 
+def with_color_scene(rng: random.Random, color: str, two: bool | None = None) -> Scene:
+    """A scene of the grammar whose first object is `color` (teal, say); a second object, if any, is drawn from
+    the palette as usual. Backgrounds of the same colour are never drawn."""
+    while True:
+        scene = random_scene(rng, two=two)
+        if _background_rgb(scene.background) != _rgb(color):
+            first = scene.objects[0]
+            return Scene((Obj(first.size, color, first.shape, first.position), *scene.objects[1:]), scene.background)
+
+
 def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: bool = True,
-                random_colors: bool = False) -> Path:
+                random_colors: bool = False, with_color: str | None = None) -> Path:
     """Write `count` images with same-name caption files (the trainers' image-folder format): half with
     one object, half with two, no held-out pair, no teal. Deterministic for a seed. With `random_colors`,
-    the scenes of `random_color_scene` (the autoencoder's data; captions name colours as "#rrggbb").
+    the scenes of `random_color_scene` (the autoencoder's data; captions name colours as "#rrggbb"). With
+    `with_color` (a palette colour or "teal"), every scene's first object has that colour (`with_color_scene`):
+    the data for teaching a model a colour, teal being the one its training never showed.
 
     The folder is built under a temporary name and renamed into place, whole or not at all. An existing
     `folder` is replaced as a whole only when it is empty or an earlier make-shapes dataset (files named
@@ -162,13 +178,16 @@ def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: boo
 
     from ..fileio import atomic_folder, check_folder_destination
 
-    check_make_shapes(count, seed, size)
+    check_make_shapes(count, seed, size, random_colors, with_color)
     folder = check_folder_destination(folder, replaceable=is_shapes_dataset,
                                       what="a make-shapes dataset (only NNNNNN.png and NNNNNN.txt files)")
     rng = random.Random(seed)
     with atomic_folder(folder) as tmp:
         for i in tqdm(range(count), desc="make-shapes", disable=not progress):
-            scene = (random_color_scene if random_colors else random_scene)(rng, two=i % 2 == 1)
+            if with_color:
+                scene = with_color_scene(rng, with_color, two=i % 2 == 1)
+            else:
+                scene = (random_color_scene if random_colors else random_scene)(rng, two=i % 2 == 1)
             render(scene, size, rng).save(tmp / f"{i:06d}.png")
             (tmp / f"{i:06d}.txt").write_text(scene.caption() + "\n")
     return folder

@@ -27,8 +27,8 @@ from .common import REQUIRED, option
 from .data import ImageCaptionDataset, collate
 
 
-@dataclass
-class VAETrainArgs:
+@dataclass(kw_only=True)
+class VAETrainArgs(common.RunArgs):
     data: str = option(REQUIRED, "data", "training images: a folder of images, or one with a metadata.jsonl "
                        "(captions are not used)")
     output: str = option(REQUIRED, "output", "the run folder, made once every input is good: checkpoints/, vae/ "
@@ -40,14 +40,9 @@ class VAETrainArgs:
                                 "UNet trained on it) stays as it is")
     resolution: int = option(64, "data", "training side in pixels, a multiple of 8 (24 or more once the "
                              "discriminator is on): the short side is resized to it, then a square is cropped")
-    center_crop: bool = option(True, "data", "crop the middle square; --no-center-crop takes a random one")
-    random_flip: bool = option(False, "data", "flip images left to right at random")
-    batch_size: int = option(8, "optimisation", "images per step and process")
     lr: float = option(1e-4, "optimisation", "the autoencoder's peak AdamW learning rate, reached after --warmup, "
                        "then a cosine decay to 0 at --max-steps")
     disc_lr: float = option(1e-4, "optimisation", "the discriminator's AdamW learning rate, constant")
-    warmup: int = option(100, "optimisation", "steps of linear learning-rate warm-up")
-    max_steps: int = option(1000, "optimisation", "optimizer steps to train for")
     clip_grad: float = option(1.0, "optimisation", "the largest gradient norm, of the autoencoder's "
                               "parameters together; a larger gradient is scaled down to it")
     rec_loss: str = option("l1", "loss", "pixel reconstruction loss, 'l1' or 'mse'")
@@ -72,27 +67,15 @@ class VAETrainArgs:
                            "them")
     seed: int = option(0, "optimisation", "seeds the weights, the validation split, the data order and every "
                        "sample's posterior draw, so a run repeats exactly")
-    log_every: int = option(10, "output", "steps between lines of log.jsonl")
     val_every: int = option(100, "output", "steps between validation figures and redraws of loss.png")
-    checkpoint_every: int = option(200, "checkpoints", "steps between checkpoints in checkpoints/, and one at "
-                                   "the last step")
-    keep_checkpoints: int = option(3, "checkpoints", "the newest checkpoints kept on disk, at least 1")
-    resume: bool = option(False, "checkpoints", "continue from the run folder's latest checkpoint; an error if "
-                          "there is none")
-    resume_or_start: bool = option(False, "checkpoints", "resume if the run folder has a checkpoint, else start a "
-                                   "new run")
-    progress: bool = option(True, "output", "show a progress bar")
 
     def check(self) -> None:
         """Every field's type and range, and that the named files exist: a bad value is one line naming its
         flag, before anything is loaded or written."""
-        checks.check_types(self)
-        checks.data_folder(self.data)
-        checks.new_folder(self.output)
+        super().check()
         checks.existing_path(self, "init", "lpips")
-        checks.at_least(self, 1, "batch_size", "max_steps", "log_every", "val_every", "checkpoint_every",
-                        "keep_checkpoints")
-        checks.at_least(self, 0, "warmup", "disc_start", "val_size")
+        checks.at_least(self, 1, "val_every")
+        checks.at_least(self, 0, "disc_start", "val_size")
         checks.positive(self, "lr", "disc_lr", "clip_grad", "scaling_factor")
         checks.non_negative(self, "edge_weight", "kl_weight", "lpips_weight", "disc_weight")
         checks.one_of(self, "rec_loss", ("l1", "mse"))
@@ -108,8 +91,6 @@ class VAETrainArgs:
         if self.init and self.logvar_init is not None:
             raise SDTorchError("--logvar-init sets a new autoencoder's starting posterior; with --init the trained "
                                "one is kept, so leave out one of them")
-        if self.resume and self.resume_or_start:
-            raise SDTorchError("--resume and --resume-or-start: give one (--resume requires a checkpoint)")
 
 
 class Reconstruct(torch.nn.Module):
@@ -136,19 +117,27 @@ def _start_logvar_at(vae: AutoencoderKL, value: float) -> None:
     vae.quant_conv.bias[L:].fill_(value)
 
 
-def train(args: VAETrainArgs) -> Path:
-    """Train as `args` says; returns the autoencoder folder. Every input (arguments, data, --init, the
-    checkpoint to resume) is checked and read before the run folder is created."""
+class VAERun:
+    """An autoencoder training run, built once by `setup`: the data, the autoencoder and discriminator, their
+    optimizers and the resumable state."""
+
+    def __init__(self, args: VAETrainArgs):
+        self.args, self.dist, self.out = args, common.init_distributed(), Path(args.output)
+        self.checkpoint = checks.resume_state(args, self.out / "checkpoints")
+        self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
+                                           random_flip=args.random_flip, seed=args.seed)
+        self.val_idx, self.train_idx = common.split(self.dataset, args.data, args.val_size, args.batch_size,
+                                                    args.seed, self.dist)
+
+
+def setup(args: VAETrainArgs) -> VAERun:
+    """Every input (arguments, data, --init, the checkpoint to resume) checked and read, then the run folder
+    made and the networks built."""
     args.check()
     config = common.load_config(args.config).vae
-    dist = common.init_distributed()
-    out = Path(args.output)
-    state = checks.resume_state(args, out / "checkpoints")
-    dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
-                                  random_flip=args.random_flip, seed=args.seed)
-    val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
+    run = VAERun(args)
     init = checkpoints.load_vae(args.init, torch.float32) if args.init else None
-    out.mkdir(parents=True, exist_ok=True)  # every input is good: the run folder may be made
+    run.out.mkdir(parents=True, exist_ok=True)  # every input is good: the run folder may be made
 
     torch.manual_seed(args.seed)
     if init is not None:
@@ -161,82 +150,91 @@ def train(args: VAETrainArgs) -> Path:
     if args.decoder_only:  # no gradients reach the encoder, so the KL term is a constant and only logged
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    trainable = [p for p in vae.parameters() if p.requires_grad]
-    disc = losses.PatchDiscriminator(losses.DiscriminatorConfig(norm=args.disc_norm)).train()
-    perceptual = losses.lpips_or_none(args.lpips, log=(print if dist.main else lambda m: None))
-    wrap = (lambda m: torch.nn.parallel.DistributedDataParallel(m)) if dist.world > 1 else (lambda m: m)
-    reconstruct, disc_ddp = wrap(Reconstruct(vae)), wrap(disc)
-    opt = common.adamw(trainable, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    opt_d = common.adamw(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
+    run.vae, run.trainable = vae, [p for p in vae.parameters() if p.requires_grad]
+    run.disc = losses.PatchDiscriminator(losses.DiscriminatorConfig(norm=args.disc_norm)).train()
+    run.perceptual = losses.lpips_or_none(args.lpips, log=(print if run.dist.main else lambda m: None))
+    wrap = (lambda m: torch.nn.parallel.DistributedDataParallel(m)) if run.dist.world > 1 else (lambda m: m)
+    run.reconstruct, run.disc_ddp = wrap(Reconstruct(vae)), wrap(run.disc)
+    run.opt = common.adamw(run.trainable, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    run.opt_d = common.adamw(run.disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, common.warmup_cosine(args.warmup, args.max_steps))
+    run.state = common.TrainState({"vae": vae, "disc": run.disc, "optimizer": run.opt,
+                                   "disc_optimizer": run.opt_d, "scheduler": run.sched}, args)
+    if run.checkpoint is not None:
+        run.state.load(run.checkpoint)
+    run.log = common.start_log(run.out / "log.jsonl", run.checkpoint, run.dist)
+    return run
 
-    step, epoch, batch_pos = 0, 0, 0
-    if state is not None:
-        for target, key in ((vae, "vae"), (disc, "disc"), (opt, "optimizer"), (opt_d, "disc_optimizer"),
-                            (sched, "scheduler")):
-            state.restore(target, key)
-        common.set_rng_state(state["rng"])
-        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
-    log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
 
-    stream = common.batch_stream(dataset, dataset, train_idx, args.batch_size, args.seed, dist, epoch, batch_pos)
-    bar = tqdm(total=args.max_steps, initial=step, desc="train-vae", disable=not (args.progress and dist.main))
-    started, seen = time.perf_counter(), 0
-    while step < args.max_steps:
-        epoch, batch_pos, batch = next(stream)
-        x = batch["pixels"]
-        gens = [common.sample_generator(args.seed, epoch, int(i), 0) for i in batch["index"]]
-        adversarial = step >= args.disc_start
-        with common.autocast(args.bf16):
-            rec, post = reconstruct(x, lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]))
-            rec_loss = losses.reconstruction_loss(rec.float(), x, args.rec_loss)
-            if args.edge_weight:
-                rec_loss = rec_loss + args.edge_weight * losses.gradient_difference_loss(rec.float(), x)
-            if perceptual is not None:
-                rec_loss = rec_loss + args.lpips_weight * perceptual(rec.float(), x).mean()
-            kl = post.kl().mean()
-            loss = rec_loss + args.kl_weight * kl
-            g_loss = weight = torch.zeros(())
-            if adversarial:
-                g_loss = losses.hinge_g_loss(disc_ddp(rec))
-                weight = args.disc_weight * losses.adaptive_weight(rec_loss, g_loss, vae.decoder.conv_out.weight)
-                loss = loss + weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-        opt.step()
-        sched.step()
-        d_loss = torch.zeros(())
+def train_step(run: VAERun, batch, epoch: int) -> dict:
+    """One step: the autoencoder (reconstruction + KL, + the adaptive adversarial term once it is on), then
+    the discriminator. Returns the step's loss terms as tensors."""
+    args, vae, disc_ddp = run.args, run.vae, run.disc_ddp
+    x = batch["pixels"]
+    gens = [common.sample_generator(args.seed, epoch, int(i), 0) for i in batch["index"]]
+    adversarial = run.state.step >= args.disc_start
+    with common.autocast(args.bf16):
+        rec, post = run.reconstruct(x, lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]))
+        rec_loss = losses.reconstruction_loss(rec.float(), x, args.rec_loss)
+        if args.edge_weight:
+            rec_loss = rec_loss + args.edge_weight * losses.gradient_difference_loss(rec.float(), x)
+        if run.perceptual is not None:
+            rec_loss = rec_loss + args.lpips_weight * run.perceptual(rec.float(), x).mean()
+        kl = post.kl().mean()
+        loss = rec_loss + args.kl_weight * kl
+        g_loss = weight = torch.zeros(())
         if adversarial:
-            with common.autocast(args.bf16):
-                d_loss = losses.hinge_d_loss(disc_ddp(x), disc_ddp(rec.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        step += 1
-        seen += len(x) * dist.world
+            g_loss = losses.hinge_g_loss(disc_ddp(rec))
+            weight = args.disc_weight * losses.adaptive_weight(rec_loss, g_loss, vae.decoder.conv_out.weight)
+            loss = loss + weight * g_loss
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.trainable, args.clip_grad)
+    run.opt.step()
+    run.sched.step()
+    d_loss = torch.zeros(())
+    if adversarial:
+        with common.autocast(args.bf16):
+            d_loss = losses.hinge_d_loss(disc_ddp(x), disc_ddp(rec.detach()))
+        run.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        run.opt_d.step()
+    run.state.step += 1
+    return {"loss": loss, "rec_loss": rec_loss, "kl": kl, "g_loss": g_loss, "adaptive_weight": weight,
+            "d_loss": d_loss}
+
+
+def train(args: VAETrainArgs) -> Path:
+    """Train as `args` says; returns the autoencoder folder. Every input (arguments, data, --init, the
+    checkpoint to resume) is checked and read before the run folder is created."""
+    run = setup(args)
+    dist, state, out, vae = run.dist, run.state, run.out, run.vae
+    stream = common.batch_stream(run.dataset, run.dataset, run.train_idx, args.batch_size, args.seed, dist,
+                                 state.epoch, state.batch_pos)
+    bar = tqdm(total=args.max_steps, initial=state.step, desc="train-vae", disable=not (args.progress and dist.main))
+    started, seen = time.perf_counter(), 0
+    while state.step < args.max_steps:
+        state.epoch, state.batch_pos, batch = next(stream)
+        terms = train_step(run, batch, state.epoch)
+        step = state.step
+        seen += len(batch["pixels"]) * dist.world
         rate = seen / (time.perf_counter() - started)
         bar.update(1)
-        bar.set_postfix(rec=f"{rec_loss.item():.4f}", samples_per_s=f"{rate:.1f}")
+        bar.set_postfix(rec=f"{terms['rec_loss'].item():.4f}", samples_per_s=f"{rate:.1f}")
         if step % args.log_every == 0 or step == args.max_steps:
-            scalars = {k: common.mean_over_ranks(float(torch.as_tensor(v).detach()), dist) for k, v in (
-                ("loss", loss), ("rec_loss", rec_loss), ("kl", kl), ("g_loss", g_loss),
-                ("adaptive_weight", weight), ("d_loss", d_loss))}
+            scalars = {k: common.mean_over_ranks(float(torch.as_tensor(v).detach()), dist) for k, v in terms.items()}
             if dist.main:
-                log.write(step=step, **scalars, lr=sched.get_last_lr()[0], samples_per_s=rate)
-        if dist.main and val_idx and (step % args.val_every == 0 or step == args.max_steps):
-            log.write(step=step, **evaluate(vae, dataset, val_idx, args))
+                run.log.write(step=step, **scalars, lr=run.sched.get_last_lr()[0], samples_per_s=rate)
+        if dist.main and run.val_idx and (step % args.val_every == 0 or step == args.max_steps):
+            run.log.write(step=step, **evaluate(vae, run.dataset, run.val_idx, args))
             common.plot_curves(out / "log.jsonl", out / "loss.png", keys=("rec_loss", "val_rec_loss", "kl"))
         if dist.main and (step % args.checkpoint_every == 0 or step == args.max_steps):
-            common.save_checkpoint(out / "checkpoints", step, {
-                "vae": vae.state_dict(), "disc": disc.state_dict(), "optimizer": opt.state_dict(),
-                "disc_optimizer": opt_d.state_dict(), "scheduler": sched.state_dict(), "rng": common.rng_state(),
-                "step": step, "epoch": epoch, "batch_pos": batch_pos, "args": dataclasses.asdict(args)},
-                args.keep_checkpoints)
+            state.save(out / "checkpoints", args.keep_checkpoints)
     bar.close()
     if dist.main:
         factor = args.scaling_factor or (vae.config.scaling_factor if args.decoder_only else
-                                         latent_scaling_factor(vae.eval(), dataset, train_idx, args.batch_size))
+                                         latent_scaling_factor(vae.eval(), run.dataset, run.train_idx,
+                                                               args.batch_size))
         vae.config = dataclasses.replace(vae.config, scaling_factor=factor)
         checkpoints.save_vae(vae, out / "vae", args.resolution)
     if dist.world > 1:

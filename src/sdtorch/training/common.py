@@ -28,6 +28,45 @@ def option(default, group: str, help: str):
     return field(default=default, metadata=meta)
 
 
+@dataclass(kw_only=True)
+class RunArgs:
+    """The fields every trainer has (`sdtorch train`, `train-vae`, `train-lora`); a trainer redeclares a field
+    to give it its own help, and keeps its place in `--help`."""
+
+    data: str = option(REQUIRED, "data", "training images: a folder of images with same-name .txt captions, or "
+                       "one with a metadata.jsonl")
+    output: str = option(REQUIRED, "output", "the run folder, made once every input is good")
+    resolution: int = option(64, "data", "training side in pixels, a multiple of 8: the short side is resized to "
+                             "it, then a square is cropped")
+    center_crop: bool = option(True, "data", "crop the middle square; --no-center-crop takes a random one")
+    random_flip: bool = option(False, "data", "flip images left to right at random")
+    batch_size: int = option(8, "optimisation", "images per step and process")
+    warmup: int = option(100, "optimisation", "steps of linear learning-rate warm-up")
+    max_steps: int = option(1000, "optimisation", "optimizer steps to train for")
+    log_every: int = option(10, "output", "steps between lines of log.jsonl")
+    checkpoint_every: int = option(200, "checkpoints", "steps between checkpoints in checkpoints/, and one at "
+                                   "the last step")
+    keep_checkpoints: int = option(3, "checkpoints", "the newest checkpoints kept on disk, at least 1")
+    resume: bool = option(False, "checkpoints", "continue from the run folder's latest checkpoint; an error if "
+                          "there is none")
+    resume_or_start: bool = option(False, "checkpoints", "resume if the run folder has a checkpoint, else start a "
+                                   "new run")
+    progress: bool = option(True, "output", "show a progress bar")
+
+    def check(self) -> None:
+        """The shared fields' types and ranges; a trainer's `check` adds its own after these."""
+        from . import checks
+        from ..errors import SDTorchError
+
+        checks.check_types(self)
+        checks.data_folder(self.data)
+        checks.new_folder(self.output)
+        checks.at_least(self, 1, "batch_size", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+        checks.at_least(self, 0, "warmup")
+        if self.resume and self.resume_or_start:
+            raise SDTorchError("--resume and --resume-or-start: give one (--resume requires a checkpoint)")
+
+
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
@@ -270,6 +309,43 @@ class Checkpoint(dict):
             if not isinstance(got[name], torch.Tensor) or got[name].shape != tensor.shape:
                 raise SDTorchError(f"{self.path}: {key!r} does not fit this run ({name} has another shape)")
         return got
+
+
+class TrainState:
+    """A run's resumable state, written once for every trainer: the named parts (modules, optimizers,
+    schedulers, EMAs; each saved as its state dict, an EMA as its shadow), the global RNG and the data
+    position (step, epoch, batch_pos). `state()` is what a checkpoint holds; `load()` restores it exactly."""
+
+    def __init__(self, parts: dict, args):
+        self.parts, self.args = parts, args
+        self.step, self.epoch, self.batch_pos = 0, 0, 0
+
+    def state(self) -> dict:
+        from dataclasses import asdict
+
+        saved = {k: (v.shadow if isinstance(v, EMA) else v.state_dict()) for k, v in self.parts.items()}
+        return {**saved, "rng": rng_state(), "step": self.step, "epoch": self.epoch, "batch_pos": self.batch_pos,
+                "args": asdict(self.args)}
+
+    def load(self, checkpoint: "Checkpoint") -> None:
+        """Every part from `checkpoint` (a `load_latest` result), checked to fit; then the RNG and position."""
+        for key, part in self.parts.items():
+            if isinstance(part, EMA):
+                part.shadow = checkpoint.shadow_like(part.shadow, key)
+            else:
+                checkpoint.restore(part, key)
+        set_rng_state(checkpoint["rng"])
+        self.step, self.epoch, self.batch_pos = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_pos"]
+
+    def save(self, folder: Path, keep: int) -> Path:
+        return save_checkpoint(folder, self.step, self.state(), keep)
+
+
+def start_log(path: Path, checkpoint, dist: Dist) -> "JsonlLog | None":
+    """The run's log on the main process: kept up to the resumed step, or started anew."""
+    if not dist.main:
+        return None
+    return JsonlLog(path, checkpoint["step"] if checkpoint is not None else None)
 
 
 # What every trainer's checkpoint holds beside its networks' state dicts, and the type each must have.

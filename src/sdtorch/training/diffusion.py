@@ -29,12 +29,59 @@ from .common import REQUIRED, option
 from .data import ImageCaptionDataset, collate, warn_missing_captions
 
 
-@dataclass
-class TrainArgs:
-    data: str = option(REQUIRED, "data", "training images: a folder of images with same-name .txt captions, or "
-                       "one with a metadata.jsonl")
+@dataclass(kw_only=True)
+class DiffusionArgs(common.RunArgs):
+    """The fields of every trainer of a denoising UNet on latents: `sdtorch train` and `train-lora`."""
+
     output: str = option(REQUIRED, "output", "the run folder, made once every input is good: checkpoints/, model/ "
                          "(the EMA weights as a diffusers folder), samples/, log.jsonl, loss.png")
+    batch_size: int = option(8, "optimisation", "images per step and process; a step sees this times "
+                             "--grad-accum times the number of processes")
+    grad_accum: int = option(1, "optimisation", "batches whose gradients are summed per optimizer step")
+    lr: float = option(1e-4, "optimisation", "AdamW's peak learning rate, reached after --warmup, then a cosine "
+                       "decay to 0 at --max-steps")
+    weight_decay: float = option(0.01, "optimisation", "AdamW's decoupled weight decay")
+    clip_grad: float = option(1.0, "optimisation", "the largest gradient norm, of all parameters together; "
+                              "a larger gradient is scaled down to it")
+    ema_decay: float = option(0.999, "optimisation", "decay of the moving average of the weights that the samples "
+                              "and the exported model use, in [0, 1)")
+    caption_dropout: float = option(0.1, "loss", "the share of captions replaced by the empty prompt, which "
+                                    "classifier-free guidance needs, 0 to 1")
+    min_snr_gamma: float | None = option(None, "loss", "Min-SNR-gamma loss weighting of Hang et al. 2023, 5 is "
+                                         "usual (default: off, every timestep weighs the same)")
+    bf16: bool = option(False, "performance", "bfloat16 autocast in the forward pass")
+    gradient_checkpointing: bool = option(False, "performance", "recompute the UNet's activations in the backward "
+                                          "pass: less memory, slower steps")
+    cache_latents: bool = option(False, "performance", "encode every image once, to latent-cache/ in the run "
+                                 "folder; needs --center-crop and --no-random-flip")
+    val_size: int = option(16, "data", "images held out for the validation loss, at most a tenth of them")
+    seed: int = option(0, "optimisation", "seeds the weights, the validation split, the data order and every "
+                       "sample's noise, so a run repeats exactly")
+    val_every: int = option(100, "output", "steps between validation losses and redraws of loss.png")
+    sample_every: int = option(0, "output", "steps between sample grids in samples/; 0: only the final one")
+    sample_prompts: list[str] = option(["", "a photo"], "output", "the sample grid's prompts, one image each")
+    sample_steps: int = option(20, "output", "sampler steps for each sample image")
+
+    def check(self) -> None:
+        """Every shared field's type and range; the trainer's own fields are checked by its subclass."""
+        super().check()
+        checks.at_least(self, 1, "grad_accum", "val_every", "sample_steps")
+        checks.at_least(self, 0, "val_size", "sample_every")
+        checks.positive(self, "lr", "clip_grad", "min_snr_gamma")
+        checks.non_negative(self, "weight_decay")
+        checks.fraction(self, "ema_decay", one=False)
+        checks.fraction(self, "caption_dropout")
+        checks.resolution(self, "resolution")
+        checks.seed(self, "seed")
+        if not self.sample_prompts:
+            checks.fail("sample_prompts", "at least one prompt", self.sample_prompts)
+        if self.cache_latents and not (self.center_crop and not self.random_flip):
+            raise SDTorchError("--cache-latents stores one fixed crop of each image: it needs --center-crop and "
+                               "--no-random-flip")
+
+
+@dataclass(kw_only=True)
+class TrainArgs(DiffusionArgs):
     vae: str = option(REQUIRED, "model", "the frozen autoencoder: a `sdtorch train-vae` output or any model "
                       "sdtorch.load opens")
     config: str = option("tiny", "model", "UNet and text-encoder architecture: a preset (sd15, sd21, sd21-base, "
@@ -51,85 +98,26 @@ class TrainArgs:
                                     "caption must fit (default: the tokenizer's, 77 for CLIP's)")
     prediction_type: str | None = option(None, "model", "what the UNet predicts, 'epsilon' or 'v_prediction' "
                                          "(default: the config's)")
-    resolution: int = option(64, "data", "training side in pixels, a multiple of 8: the short side is resized to "
-                             "it, then a square is cropped")
-    center_crop: bool = option(True, "data", "crop the middle square; --no-center-crop takes a random one")
-    random_flip: bool = option(False, "data", "flip images left to right at random")
-    batch_size: int = option(8, "optimisation", "images per step and process; a step sees this times "
-                             "--grad-accum times the number of processes")
-    grad_accum: int = option(1, "optimisation", "batches whose gradients are summed per optimizer step")
-    lr: float = option(1e-4, "optimisation", "AdamW's peak learning rate, reached after --warmup, then a cosine "
-                       "decay to 0 at --max-steps")
-    weight_decay: float = option(0.01, "optimisation", "AdamW's decoupled weight decay")
-    warmup: int = option(100, "optimisation", "steps of linear learning-rate warm-up")
-    max_steps: int = option(1000, "optimisation", "optimizer steps to train for")
-    clip_grad: float = option(1.0, "optimisation", "the largest gradient norm, of all parameters together; "
-                              "a larger gradient is scaled down to it")
-    ema_decay: float = option(0.999, "optimisation", "decay of the moving average of the weights that the samples "
-                              "and the exported model use, in [0, 1)")
-    caption_dropout: float = option(0.1, "loss", "the share of captions replaced by the empty prompt, which "
-                                    "classifier-free guidance needs, 0 to 1")
-    min_snr_gamma: float | None = option(None, "loss", "Min-SNR-gamma loss weighting of Hang et al. 2023, 5 is "
-                                         "usual (default: off, every timestep weighs the same)")
-    bf16: bool = option(False, "performance", "bfloat16 autocast in the forward pass")
-    gradient_checkpointing: bool = option(False, "performance", "recompute the UNet's activations in the backward "
-                                          "pass: less memory, slower steps")
     compile: bool = option(False, "performance", "torch.compile the training forward and backward; float32 "
                            "only, needs a C++ compiler")
-    cache_latents: bool = option(False, "performance", "encode every image once, to latent-cache/ in the run "
-                                 "folder; needs --center-crop and --no-random-flip")
-    val_size: int = option(16, "data", "images held out for the validation loss, at most a tenth of them")
-    seed: int = option(0, "optimisation", "seeds the weights, the validation split, the data order and every "
-                       "sample's noise, so a run repeats exactly")
-    log_every: int = option(10, "output", "steps between lines of log.jsonl")
-    val_every: int = option(100, "output", "steps between validation losses and redraws of loss.png")
-    sample_every: int = option(0, "output", "steps between sample grids in samples/; 0: only the final one")
-    sample_prompts: list[str] = option(["", "a photo"], "output", "the sample grid's prompts, one image each")
-    sample_steps: int = option(20, "output", "sampler steps for each sample image")
-    checkpoint_every: int = option(200, "checkpoints", "steps between checkpoints in checkpoints/, and one at "
-                                   "the last step")
-    keep_checkpoints: int = option(3, "checkpoints", "the newest checkpoints kept on disk, at least 1")
-    resume: bool = option(False, "checkpoints", "continue from the run folder's latest checkpoint; an error if "
-                          "there is none")
-    resume_or_start: bool = option(False, "checkpoints", "resume if the run folder has a checkpoint, else start a "
-                                   "new run")
-    progress: bool = option(True, "output", "show a progress bar")
 
     def check(self) -> None:
         """Every field's type and range, and that the named files exist: a bad value is one line naming its
         flag, before anything is loaded or written."""
-        checks.check_types(self)
-        checks.data_folder(self.data)
-        checks.new_folder(self.output)
+        super().check()
         if self.text_encoder != "scratch":
             checks.existing_path(self, "text_encoder")
         checks.existing_path(self, "vae")
-        checks.at_least(self, 1, "batch_size", "grad_accum", "max_steps", "log_every", "val_every",
-                        "checkpoint_every", "keep_checkpoints", "sample_steps")
-        checks.at_least(self, 0, "warmup", "val_size", "sample_every")
         checks.at_least(self, 2 * 256 + 2, "tokenizer_vocab")  # every byte, alone and ending a word, bos, eos
         if self.max_length is not None and not 3 <= self.max_length <= MAX_POSITIONS:
             checks.fail("max_length", f"from 3 (start, one token, end) to {MAX_POSITIONS}", self.max_length)
-        checks.positive(self, "lr", "clip_grad", "min_snr_gamma")
-        checks.non_negative(self, "weight_decay")
-        checks.fraction(self, "ema_decay", one=False)
-        checks.fraction(self, "caption_dropout")
         checks.one_of(self, "prediction_type", (None, "epsilon", "v_prediction"))
-        checks.resolution(self, "resolution")
-        checks.seed(self, "seed")
-        if not self.sample_prompts:
-            checks.fail("sample_prompts", "at least one prompt", self.sample_prompts)
-        if self.cache_latents and not (self.center_crop and not self.random_flip):
-            raise SDTorchError("--cache-latents stores one fixed crop of each image: it needs --center-crop and "
-                               "--no-random-flip")
         if self.max_length is not None and self.text_encoder != "scratch":
             raise SDTorchError("--max-length is for a text encoder trained from scratch; a pretrained one keeps "
                                "its own tokenizer and positions")
         if self.compile and self.bf16:
             raise SDTorchError("--compile with --bf16 is refused: with PyTorch's CPU compiler the bf16 autocast "
                                "backward came out wrong (the text encoder got no gradients); use one or the other")
-        if self.resume and self.resume_or_start:
-            raise SDTorchError("--resume and --resume-or-start: give one (--resume requires a checkpoint)")
 
 
 MAX_POSITIONS = 1024  # --max-length: token positions a caption may have (CLIP has 77)
@@ -138,9 +126,11 @@ MAX_POSITIONS = 1024  # --max-length: token positions a caption may have (CLIP h
 class Trainable(nn.Module):
     """The trained networks; its forward returns per-sample losses so DistributedDataParallel wraps it."""
 
-    def __init__(self, unet: UNet, text_encoder: CLIPTextModel | None):
+    def __init__(self, unet: UNet, text_encoder: CLIPTextModel | None, adapters: nn.Module | None = None):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
+        if adapters is not None:  # a LoRA network hooked onto unet/text_encoder: a submodule, so DDP syncs it
+            self.adapters = adapters
 
     def forward(self, denoiser, latents, noise, t, text, min_snr_gamma=None) -> torch.Tensor:
         context = self.text_encoder(text) if self.text_encoder is not None else text
@@ -228,27 +218,91 @@ def check_samples(args: TrainArgs, config: ModelConfig) -> None:
             raise SDTorchError(f"--sample-prompts/--sample-steps/--resolution: {e}") from None
 
 
-def train(args: TrainArgs) -> Path:
-    """Train as `args` says; returns the exported model folder. Every input (arguments, data, VAE, text
-    encoder, tokenizer, checkpoint to resume) is checked and read before the run folder is created."""
+class Run:
+    """A diffusion training run, built once by `setup` (or `training.lora.setup`): the data, the frozen
+    autoencoder, the tokenizer, the trained networks and their optimizer, and the resumable state.
+    `model` computes the losses (wrapped as `ddp` for torchrun and --compile); `trained` is what learns,
+    is averaged and is checkpointed: `model` itself here, a LoRA network in `train-lora`."""
+
+    def __init__(self, args: DiffusionArgs):
+        self.args, self.dist, self.out = args, common.init_distributed(), Path(args.output)
+        self.checkpoint = checks.resume_state(args, self.out / "checkpoints")  # read before anything is made
+        self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
+                                           random_flip=args.random_flip, seed=args.seed)
+        self.val_idx, self.train_idx = common.split(self.dataset, args.data, args.val_size, args.batch_size,
+                                                    args.seed, self.dist)
+        if self.dist.main:
+            warn_missing_captions(self.dataset)
+        self.source = self.dataset  # where samples come from: the dataset or its latent cache
+        self.frozen_text = None  # a frozen text encoder run outside `model`, or None
+
+    def cache_latents(self, vae, vae_id: str) -> None:
+        """With --cache-latents, samples come from latents encoded once (by rank 0; the others then read them)."""
+        if not self.args.cache_latents:
+            return
+        from .data import LatentCache
+
+        folder = self.out / "latent-cache"
+        if self.dist.main:
+            LatentCache(folder, self.dataset, vae.encode, vae_id=vae_id, progress=self.args.progress)
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+        self.source = LatentCache(folder, self.dataset, vae.encode, vae_id=vae_id, progress=False)
+
+    def finish_setup(self, model: Trainable, trained: nn.Module, vae, tokenizer, config: ModelConfig,
+                     compile: bool = False, extra: dict | None = None) -> None:
+        """The DDP wrapper, denoiser, EMA, optimizer and schedule over `trained`; then the resume (of those and
+        of the `extra` parts, objects with state_dict and load_state_dict)."""
+        args = self.args
+        self.model, self.trained, self.vae, self.tokenizer, self.config = model, trained, vae, tokenizer, config
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model) if self.dist.world > 1 else model
+        if compile:
+            self.ddp = common.compiled(self.ddp)
+        self.denoiser = denoiser_for(model.unet, config)
+        self.ema = common.EMA(trained, args.ema_decay)
+        self.opt = common.adamw(trained.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, common.warmup_cosine(args.warmup, args.max_steps))
+        self.state = common.TrainState({"model": trained, "ema": self.ema, "optimizer": self.opt,
+                                        "scheduler": self.sched, **(extra or {})}, args)
+        if self.checkpoint is not None:
+            self.state.load(self.checkpoint)
+        self.log = common.start_log(self.out / "log.jsonl", self.checkpoint, self.dist)
+
+    def encode_text(self, captions):
+        """Token ids for the trained text encoder inside `model`, or the frozen one's output."""
+        ids = self.tokenizer(captions)
+        if self.frozen_text is None:
+            return ids
+        with torch.no_grad():
+            return self.frozen_text(ids)
+
+    @contextlib.contextmanager
+    def ema_pipeline(self):
+        """A StableDiffusion with the EMA weights, for the sample grids and the export."""
+        from ..pipeline import StableDiffusion
+
+        config = self.config
+        shadow = Trainable(UNet(config.unet),
+                           CLIPTextModel(config.text) if self.model.text_encoder is not None else None)
+        self.ema.copy_to(shadow)
+        text = shadow.text_encoder if shadow.text_encoder is not None else self.frozen_text
+        yield StableDiffusion(shadow.unet.eval(), self.vae, text.eval(), self.tokenizer, config, name="ema")
+
+
+def setup(args: TrainArgs) -> Run:
+    """Every input (arguments, data, VAE, text encoder, tokenizer, checkpoint to resume) checked and read,
+    then the run folder made and the networks built."""
     args.check()
     tok_source = tokenizer_source(args.tokenizer)
     if args.compile:
         common.require_compiler()
     check_samples(args, common.load_config(args.config))  # a bad --config fails here, before any image is read
-    dist = common.init_distributed()
-    out = Path(args.output)
-    state = checks.resume_state(args, out / "checkpoints")
-
-    dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
-                                  random_flip=args.random_flip, seed=args.seed)
-    val_idx, train_idx = common.split(dataset, args.data, args.val_size, args.batch_size, args.seed, dist)
-    if dist.main:
-        warn_missing_captions(dataset)
+    run = Run(args)
+    dist, out = run.dist, run.out
     vae = checkpoints.load_vae(args.vae, dtype=torch.float32).eval().requires_grad_(False)
     pre = checkpoints.read_checkpoint(args.text_encoder, torch.float32) if args.text_encoder != "scratch" else None
     if dist.main:
-        tokenizer = make_tokenizer(tok_source, args.tokenizer_vocab, dataset, out, args.max_length)
+        tokenizer = make_tokenizer(tok_source, args.tokenizer_vocab, run.dataset, out, args.max_length)
 
     out.mkdir(parents=True, exist_ok=True)  # every input is good: the run folder may be made
     if dist.main and not (out / "tokenizer" / "vocab.json").is_file():
@@ -256,141 +310,123 @@ def train(args: TrainArgs) -> Path:
     if dist.world > 1:
         torch.distributed.barrier()  # rank 0 has written the tokenizer
         tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
-    source = dataset
-    if args.cache_latents:
-        from .data import LatentCache
-
-        if dist.main:  # rank 0 encodes; the others then read the finished shards
-            LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
-                        progress=args.progress)
-        if dist.world > 1:
-            torch.distributed.barrier()
-        source = LatentCache(out / "latent-cache", dataset, vae.encode, vae_id=str(Path(args.vae).resolve()),
-                             progress=False)
+    run.cache_latents(vae, str(Path(args.vae).resolve()))
     config = model_config(args, vae.config, tokenizer)
-    text_encoder = frozen_text = None
+    text_encoder = None
     if pre is not None:  # a frozen pretrained text encoder, with its own tokenizer and width
         config = config.replace(text=pre[0].text, unet={"context_dim": pre[0].text.width})
-        frozen_text, tokenizer = pre[1]["text_encoder"].eval(), pre[2]
+        run.frozen_text, tokenizer = pre[1]["text_encoder"].eval(), pre[2]
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     unet = UNet(config.unet)
     unet.gradient_checkpointing = args.gradient_checkpointing
     if pre is None:
         text_encoder = CLIPTextModel(config.text)
     model = Trainable(unet, text_encoder).train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
-    if args.compile:
-        ddp = common.compiled(ddp)
-    denoiser = denoiser_for(model.unet, config)
-    ema = common.EMA(model, args.ema_decay)
-    opt = common.adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.warmup_cosine(args.warmup, args.max_steps))
+    run.finish_setup(model, model, vae, tokenizer, config, compile=args.compile)
+    return run
 
-    step, epoch, batch_pos = 0, 0, 0
-    if state is not None:
-        state.restore(model, "model")
-        ema.shadow = state.shadow_like(ema.shadow, "ema")
-        state.restore(opt, "optimizer")
-        state.restore(sched, "scheduler")
-        common.set_rng_state(state["rng"])
-        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
-    log = common.JsonlLog(out / "log.jsonl", step if state is not None else None) if dist.main else None
 
-    def encode_text(captions):
-        ids = tokenizer(captions)
-        if frozen_text is None:
-            return ids
-        with torch.no_grad():
-            return frozen_text(ids)
+def train_step(run: Run, stream, meter: dict) -> dict:
+    """One optimizer step: --grad-accum batches from `stream`, their gradients summed (synchronised across
+    processes at the last), clipped, AdamW and the schedule stepped, the EMA updated. Returns the step's
+    loss (over all processes) and gradient norm; `meter["seen"]` counts the samples of all processes."""
+    args, dist, state = run.args, run.dist, run.state
+    scale, T = run.config.vae.scaling_factor, run.config.num_train_timesteps
+    total = 0.0
+    for micro in range(args.grad_accum):
+        state.epoch, state.batch_pos, batch = next(stream)
+        latents, noise, t, captions = prepare_batch(batch, state.epoch, args, run.vae, scale, T)
+        sync = run.ddp.no_sync if dist.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext
+        with sync(), common.attention_kernel(args.bf16):  # no_sync must cover the backward too
+            with common.autocast(args.bf16):
+                loss = run.ddp(run.denoiser, latents, noise, t, run.encode_text(captions), args.min_snr_gamma).mean()
+            (loss / args.grad_accum).backward()
+        total += loss.item() / args.grad_accum
+        meter["seen"] += len(captions) * dist.world
+    total = common.mean_over_ranks(total, dist)  # the loss over all processes' samples
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trained.parameters(), args.clip_grad)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    state.step += 1
+    run.ema.update(run.trained, state.step)
+    return {"loss": total, "grad_norm": float(grad_norm)}
 
-    stream = common.batch_stream(source, dataset, train_idx, args.batch_size, args.seed, dist, epoch, batch_pos)
-    scale, T = config.vae.scaling_factor, config.num_train_timesteps
-    bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not (args.progress and dist.main))
-    started, seen = time.perf_counter(), 0
-    while step < args.max_steps:
-        total = 0.0
-        for micro in range(args.grad_accum):
-            epoch, batch_pos, batch = next(stream)
-            latents, noise, t, captions = prepare_batch(batch, epoch, args, vae, scale, T)
-            sync = ddp.no_sync if dist.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext
-            with sync(), common.attention_kernel(args.bf16):  # no_sync must cover the backward too
-                with common.autocast(args.bf16):
-                    loss = ddp(denoiser, latents, noise, t, encode_text(captions), args.min_snr_gamma).mean()
-                (loss / args.grad_accum).backward()
-            total += loss.item() / args.grad_accum
-            seen += len(captions) * dist.world
-        total = common.mean_over_ranks(total, dist)  # the loss over all processes' samples
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        ema.update(model, step)
+
+def loop(run: Run, desc: str = "train") -> None:
+    """Train to --max-steps, logging, validating, drawing samples and checkpointing as the arguments say."""
+    args, dist, state, out = run.args, run.dist, run.state, run.out
+    stream = common.batch_stream(run.source, run.dataset, run.train_idx, args.batch_size, args.seed, dist,
+                                 state.epoch, state.batch_pos)
+    bar = tqdm(total=args.max_steps, initial=state.step, desc=desc, disable=not (args.progress and dist.main))
+    started, meter = time.perf_counter(), {"seen": 0}
+    while state.step < args.max_steps:
+        stats = train_step(run, stream, meter)
+        step, last = state.step, state.step == args.max_steps
         bar.update(1)
-        rate = seen / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{total:.4f}", samples_per_s=f"{rate:.1f}")
-        if dist.main and (step % args.log_every == 0 or step == args.max_steps):
-            log.write(step=step, epoch=epoch, loss=total, lr=sched.get_last_lr()[0],
-                      grad_norm=float(grad_norm), samples_per_s=rate)
-        if dist.main and val_idx and (step % args.val_every == 0 or step == args.max_steps):
-            log.write(step=step, val_loss=validate(model, denoiser, source, val_idx, args, vae, config,
-                                                   encode_text))
+        rate = meter["seen"] / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", samples_per_s=f"{rate:.1f}")
+        if not dist.main:
+            continue
+        if step % args.log_every == 0 or last:
+            run.log.write(step=step, epoch=state.epoch, loss=stats["loss"], lr=run.sched.get_last_lr()[0],
+                          grad_norm=stats["grad_norm"], samples_per_s=rate)
+        if run.val_idx and (step % args.val_every == 0 or last):
+            run.log.write(step=step, val_loss=validate(run))
             common.plot_curves(out / "log.jsonl", out / "loss.png")
-        if dist.main and args.sample_every and step % args.sample_every == 0:
-            sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, out / "samples" / f"step-{step:08d}.png")
-        if dist.main and (step % args.checkpoint_every == 0 or step == args.max_steps):
-            common.save_checkpoint(out / "checkpoints", step, {
-                "model": model.state_dict(), "ema": ema.shadow, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": common.rng_state(), "step": step, "epoch": epoch,
-                "batch_pos": batch_pos, "args": dataclasses.asdict(args)}, args.keep_checkpoints)
+        if args.sample_every and step % args.sample_every == 0:
+            sample_grid(run, out / "samples" / f"step-{step:08d}.png")
+        if step % args.checkpoint_every == 0 or last:
+            state.save(out / "checkpoints", args.keep_checkpoints)
     bar.close()
-    if dist.main:
-        export(model, ema, vae, frozen_text, tokenizer, config, out / "model")
-        sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, out / "samples" / "final.png")
-    if dist.world > 1:
+
+
+def train(args: TrainArgs) -> Path:
+    """Train as `args` says; returns the exported model folder. Every input (arguments, data, VAE, text
+    encoder, tokenizer, checkpoint to resume) is checked and read before the run folder is created."""
+    run = setup(args)
+    loop(run)
+    if run.dist.main:
+        export(run, run.out / "model")
+        sample_grid(run, run.out / "samples" / "final.png")
+    if run.dist.world > 1:
         torch.distributed.barrier()
-    return out / "model"
+    return run.out / "model"
 
 
 @torch.no_grad()
-def validate(model, denoiser, source, val_idx, args, vae, config, encode_text) -> float:
+def validate(run: Run) -> float:
     """Mean loss on the held-out images, with fixed per-image timesteps and noise."""
+    args, config, model = run.args, run.config, run.model
     model.eval()
     total = 0.0
-    for k in range(0, len(val_idx), args.batch_size):
-        batch = collate([source[i] for i in val_idx[k:k + args.batch_size]])
-        keep = dataclasses.replace(args, caption_dropout=0.0)
-        latents, noise, t, captions = prepare_batch(batch, 0, keep, vae, config.vae.scaling_factor,
+    keep = dataclasses.replace(args, caption_dropout=0.0)
+    for k in range(0, len(run.val_idx), args.batch_size):
+        batch = collate([run.source[i] for i in run.val_idx[k:k + args.batch_size]])
+        latents, noise, t, captions = prepare_batch(batch, 0, keep, run.vae, config.vae.scaling_factor,
                                                     config.num_train_timesteps, purpose=1)
-        total += model(denoiser, latents, noise, t, encode_text(captions)).sum().item()
+        total += model(run.denoiser, latents, noise, t, run.encode_text(captions)).sum().item()
     model.train()
-    return total / len(val_idx)
+    return total / len(run.val_idx)
 
 
-def _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config):
-    from ..pipeline import StableDiffusion
-
-    shadow = Trainable(UNet(config.unet), CLIPTextModel(config.text) if model.text_encoder is not None else None)
-    ema.copy_to(shadow)
-    text = shadow.text_encoder if shadow.text_encoder is not None else frozen_text
-    return StableDiffusion(shadow.unet.eval(), vae, text.eval(), tokenizer, config, name="ema")
-
-
-def export(model, ema, vae, frozen_text, tokenizer, config, folder: Path) -> None:
+def export(run: Run, folder: Path) -> None:
     """The EMA weights as a diffusers folder that `sdtorch.load` and diffusers open, written whole under a
     temporary name and renamed into place (a model folder there from an earlier run is replaced)."""
-    _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config).save_diffusers(folder)
+    with run.ema_pipeline() as pipe:
+        pipe.save_diffusers(folder)
 
 
-def sample_grid(model, ema, vae, frozen_text, tokenizer, config, args, path: Path) -> None:
+def sample_grid(run: Run, path: Path) -> None:
     """Images for the fixed prompts (seeds 0..) from the EMA weights, in a row, captioned; written atomically."""
     from PIL import Image, ImageDraw
 
     from ..fileio import atomic_file
 
-    pipe = _ema_pipeline(model, ema, vae, frozen_text, tokenizer, config)
-    images = [pipe.txt2img(p, steps=args.sample_steps, seed=i, width=args.resolution, height=args.resolution)[0]
-              for i, p in enumerate(args.sample_prompts)]
+    args = run.args
+    with run.ema_pipeline() as pipe:
+        images = [pipe.txt2img(p, steps=args.sample_steps, seed=i, width=args.resolution,
+                               height=args.resolution)[0] for i, p in enumerate(args.sample_prompts)]
     R = args.resolution
     grid = Image.new("RGB", (R * len(images), R + 14), "white")
     for i, (im, prompt) in enumerate(zip(images, args.sample_prompts)):

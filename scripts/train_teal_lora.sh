@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Teaches the built-in shapes model the colour teal (0,150,150), which its UNet and text encoder never saw, with a
+# LoRA trained by sdtorch's own `train-lora` on 200 images from make-shapes, and ships it as the built-in LoRA "teal".
+#   bash scripts/train_teal_lora.sh        # writes runs/teal-*, then copies teal.safetensors into the package
+# Stages resume (--resume-or-start) when the script is run again. MODEL=DIR trains on another shapes model;
+# LORA_OUT=FILE writes the LoRA there instead of into the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs}
+MODEL=${MODEL:-shapes}
+STEPS=${STEPS:-800}
+RANK=${RANK:-8}
+LORA_OUT=${LORA_OUT:-src/sdtorch/data/loras/teal.safetensors}
+mkdir -p "$RUNS"
+
+# 1. 200 images whose first object is teal: 100 with one object, 100 with a second, palette-coloured one (seed 5)
+[ -f "$RUNS/teal-train/000199.txt" ] || sdtorch make-shapes "$RUNS/teal-train" --count 200 --with-color teal --seed 5
+
+# 2. rank-8 adapters on the UNet's attention and the text encoder's self-attention, the base model frozen
+[ -f "$RUNS/teal-lora/teal.safetensors" ] || sdtorch train-lora "$RUNS/teal-train" "$RUNS/teal-lora" --model "$MODEL" \
+  --name teal --rank "$RANK" --text-encoder --resolution 64 --cache-latents --batch-size 16 --lr 1e-3 --warmup 50 \
+  --max-steps "$STEPS" --ema-decay 0.99 --caption-dropout 0.1 --bf16 --val-size 8 --val-every 200 \
+  --checkpoint-every 100 --sample-every 400 --seed 0 --resume-or-start \
+  --sample-prompts "a large teal circle in the center on a white background" \
+  "a small teal square in the top left on a black background" \
+  "a large teal triangle in the bottom right and a small red circle in the top left on a gray background"
+
+mkdir -p "$(dirname "$LORA_OUT")"
+cp "$RUNS/teal-lora/teal.safetensors" "$LORA_OUT"
+echo "wrote $LORA_OUT"
