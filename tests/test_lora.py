@@ -314,8 +314,8 @@ def peft_lora(tmp_path_factory):
     """A tiny diffusers SD1 folder and a LoRA made by peft on its UNet (attention and resnet conv1, LoCon) and text
     encoder, saved by diffusers' own save_lora_weights; the same tensors under kohya names; and diffusers' outputs
     with no LoRA and with each file loaded by its own load_lora_weights (one pipeline, loaded and unloaded in turn).
-    alpha = rank: writing alphas into the metadata needs peft >= 0.22 with this diffusers, and a file without them
-    means alpha = rank (the unit tests cover alpha)."""
+    The PEFT file has alpha = rank (writing alphas into its metadata needs peft >= 0.22 with this diffusers); the
+    kohya file has alpha = rank / 2, which diffusers and sdtorch must both read from its .alpha tensors."""
     from conftest import save_reference_folder
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, inject_adapter_in_model
@@ -334,14 +334,14 @@ def peft_lora(tmp_path_factory):
                                               text_encoder_lora_layers=get_peft_model_state_dict(text))
     files = dict(peft=out / "pytorch_lora_weights.safetensors", kohya=folder.parent / "kohya_style.safetensors")
 
-    kohya = {}  # the same tensors under kohya names, with alpha tensors
+    kohya = {}  # the same tensors under kohya names, with alpha tensors of half the rank
     for k, v in safetensors.torch.load_file(files["peft"]).items():
         part, _, rest = k.partition(".")
         module, _, role = rest.rpartition(".lora_")
         prefix = "lora_unet_" if part == "unet" else "lora_te_"
         name = prefix + module.replace(".", "_")
         kohya[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
-        kohya[f"{name}.alpha"] = torch.tensor(4.0 if part == "unet" else 2.0)
+        kohya[f"{name}.alpha"] = torch.tensor(2.0 if part == "unet" else 1.0)  # alpha/rank 0.5: both must scale
     safetensors.torch.save_file(kohya, files["kohya"])
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
