@@ -296,6 +296,33 @@ def test_hash_is_a1111_addnet_hash(tmp_path):
     assert adapters.lora_hash(p1) != hashlib.sha256(data).hexdigest()[:12]
 
 
+def test_a_loaded_lora_teaches_the_vocabulary_check_its_words(tmp_path):
+    """A model that warns about prompt words it was not trained on also knows the caption words of a loaded LoRA
+    (its sdtorch_vocabulary metadata, which train-lora writes), and forgets them when it is unloaded."""
+    import json
+    import warnings
+
+    from sdtorch.lora import formats
+
+    m = sdtorch.build(sdtorch.TINY)
+    m.vocabulary = ["a", "red", "disc"]
+    net = adapters.create_network(m, adapters.targets(m)[:1], rank=2, alpha=2.0)
+    path = formats.write_lora(tmp_path / "teal.safetensors", adapters.network_weights(net),
+                              metadata={"sdtorch_vocabulary": json.dumps(["a", "teal", "disc"])})
+
+    def warned(prompt):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.txt2img(prompt, steps=1, seed=0, width=32, height=32)
+        return [str(w.message) for w in caught if "does not know" in str(w.message)]
+
+    assert warned("a teal disc") and "'teal'" in warned("a teal disc")[0]
+    m.load_lora(path)
+    assert warned("a teal disc") == [] and m.known_words() == ["a", "red", "disc", "teal"]
+    m.unload_lora("teal")
+    assert warned("a teal disc")
+
+
 # ---- proven against diffusers (needs formats.read_lora/resolve) ----
 
 def _has_formats() -> bool:

@@ -146,6 +146,8 @@ def test_cli_writes_a_kohya_file_that_loads_back(data, whole):
     captions = [p.read_text() for p in data[0].glob("*.txt")]
     assert tags["red disc"] == sum(c.startswith("red disc") for c in captions)
     assert sum(tags.values()) == 2 * len(captions)  # two tags per caption
+    words = {w for c in captions for w in c.replace(",", " ").split()}
+    assert json.loads(meta["sdtorch_vocabulary"]) == sorted(words)  # what the unknown-word warning learns
     assert (out / "samples" / "final.png").is_file()
 
     # The EMA adapters are what is saved, not the last step's.
