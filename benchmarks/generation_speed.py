@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sdtorch.precision import cpu_capability
+
 warnings.filterwarnings("ignore")
 
 
@@ -61,7 +63,8 @@ def main() -> None:
                                         guidance_scale=7.5, generator=torch.Generator().manual_seed(0)),
                          args.repeats)
 
-    print(f"SD15 (random weights), fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"SD15 (random weights), fp32, {torch.get_num_threads()} threads, CPU {cpu_capability()}, "
+          f"best of {args.repeats}")
     print(f"{'':<40}{'sdtorch s':>11}{'diffusers s':>13}{'ratio':>8}")
     rows = [(f"UNet forward, batch 2, {latent}x{latent} latents", unet_ours, unet_theirs),
             (f"txt2img {args.size}px, {args.steps} steps, CFG, DPM++ 2M", run_ours, run_theirs)]

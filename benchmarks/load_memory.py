@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sdtorch.precision import cpu_capability
+
 CHILD = r"""
 import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
@@ -69,7 +71,8 @@ def main() -> None:
         # in a child process: Linux keeps a process's peak RSS across fork and exec, so building the model
         # here (several GB) would raise every loader child's baseline above what loading adds
         subprocess.run([sys.executable, "-c", BUILD, args.dtype, str(single), str(folder)], check=True)
-    print(f"SD15, {args.dtype} weights; peak RSS above the interpreter's baseline / weight bytes")
+    print(f"SD15, {args.dtype} weights, CPU {cpu_capability()}; peak RSS above the interpreter's baseline / "
+          "weight bytes")
     print("(seconds: the load call alone; peak: after touching every page of the loaded weights)")
     print(f"{'loader':<34}{'seconds':>9}{'peak GB':>9}{'x weights':>11}")
     results = {}

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sdtorch.precision import cpu_capability
+
 warnings.filterwarnings("ignore")
 PROMPT = "a large red circle in the top left on a white background"
 
@@ -64,7 +66,8 @@ def main() -> None:
         subprocess.run(cmd, check=True, capture_output=True)  # warm the file cache
         cold = timed(lambda: subprocess.run(cmd, check=True, capture_output=True), max(3, args.repeats // 2))
 
-    print(f"built-in shapes model, {torch.get_num_threads()} threads, {steps} steps dpmpp_2m, CFG {guidance}, median")
+    print(f"built-in shapes model, {torch.get_num_threads()} threads, CPU {cpu_capability()}, {steps} steps dpmpp_2m, "
+          f"CFG {guidance}, median")
     print(f"load (sdtorch.load('shapes'))          {load_s:6.2f} s")
     print(f"one image, sdtorch                     {ours:6.3f} s   (target <= 0.5 s)")
     print(f"one image, diffusers, same weights     {theirs:6.3f} s   ratio sdtorch/diffusers {ours / theirs:.2f}")

@@ -20,6 +20,7 @@ import torch
 
 import sdtorch
 from sdtorch.models import UNet
+from sdtorch.precision import cpu_capability
 
 warnings.filterwarnings("ignore")
 
@@ -71,7 +72,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
     print(f"UNet training step (forward + backward + AdamW), batch {args.batch}, {args.latent}x{args.latent} "
-          f"latents, {torch.get_num_threads()} threads, mean of {args.steps} steps after one warm-up")
+          f"latents, {torch.get_num_threads()} threads, CPU {cpu_capability()}, mean of {args.steps} steps after one "
+          "warm-up")
     print(f"{'config':<8}{'params':>9}{'precision':>11}{'sdtorch/s':>11}{'diffusers/s':>13}{'ratio':>8}"
           f"{'sdtorch train/s':>17}{'ratio':>8}")
     for name, cfg in (("TINY", sdtorch.TINY.unet), ("SMALL", SMALL)):

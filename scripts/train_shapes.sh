@@ -23,7 +23,9 @@ RUNS=${RUNS:-runs}
 VAE_STEPS=${VAE_STEPS:-2000}
 UNET_STEPS=${UNET_STEPS:-6000}
 DECODER_STEPS=${DECODER_STEPS:-1000}
-VAE_BF16=${VAE_BF16---bf16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second); VAE_BF16= for fp32
+NATIVE_BF16=$(python -c 'from sdtorch.precision import native_bf16; print("--bf16" if native_bf16() else "")')  # empty (fp32) where bf16 is emulated
+VAE_BF16=${VAE_BF16-$NATIVE_BF16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second where native); VAE_BF16= for fp32
+UNET_BF16=${UNET_BF16-$NATIVE_BF16}  # the same for the UNet stage; UNET_BF16= for fp32
 DECODER_BF16=${DECODER_BF16:-$VAE_BF16}  # the same for the decoder fine-tune (defaults to VAE_BF16)
 EDGE_WEIGHT=${EDGE_WEIGHT:-1}  # the decoder fine-tune's gradient difference loss weight (train-vae --edge-weight)
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
@@ -51,7 +53,7 @@ mkdir -p "$RUNS"
 # 3. the UNet and a text encoder from scratch, on cached latents, with a BPE trained on the captions
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
   --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer "$TOKENIZER" --resolution 64 --cache-latents \
-  --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 --bf16 \
+  --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 $UNET_BF16 \
   --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume-or-start ${MAX_LENGTH:+--max-length "$MAX_LENGTH"} \
   --sample-prompts "a large red circle in the top left on a white background" \
   "a small blue square in the center on a black background" \

@@ -10,6 +10,8 @@ RUNS=${RUNS:-runs}
 MODEL=${MODEL:-shapes}
 STEPS=${STEPS:-800}
 RANK=${RANK:-8}
+NATIVE_BF16=$(python -c 'from sdtorch.precision import native_bf16; print("--bf16" if native_bf16() else "")')
+BF16=${BF16-$NATIVE_BF16}  # bf16 autocast where the CPU has it natively, else fp32; BF16= for fp32
 LORA_OUT=${LORA_OUT:-src/sdtorch/data/loras/teal.safetensors}
 mkdir -p "$RUNS"
 
@@ -19,7 +21,7 @@ mkdir -p "$RUNS"
 # 2. rank-8 adapters on the UNet's attention and the text encoder's self-attention, the base model frozen
 [ -f "$RUNS/teal-lora/teal.safetensors" ] || sdtorch train-lora "$RUNS/teal-train" "$RUNS/teal-lora" --model "$MODEL" \
   --name teal --rank "$RANK" --text-encoder --resolution 64 --cache-latents --batch-size 16 --lr 1e-3 --warmup 50 \
-  --max-steps "$STEPS" --ema-decay 0.99 --caption-dropout 0.1 --bf16 --val-size 8 --val-every 200 \
+  --max-steps "$STEPS" --ema-decay 0.99 --caption-dropout 0.1 $BF16 --val-size 8 --val-every 200 \
   --checkpoint-every 100 --sample-every 400 --seed 0 --resume-or-start \
   --sample-prompts "a large teal circle in the center on a white background" \
   "a small teal square in the top left on a black background" \

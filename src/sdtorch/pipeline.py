@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints
+from . import checkpoints, precision
 from .config import PRESETS, ModelConfig
 from .errors import SDTorchError
 from .lora import adapters
@@ -54,6 +54,10 @@ class StableDiffusion:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
     def to(self, device=None, dtype=None) -> "StableDiffusion":
+        """Move every network; `dtype` is a torch dtype or fp32/bf16/fp16 (warns where the device emulates it)."""
+        dtype = _dtype(dtype)
+        if dtype is not None:
+            precision.check_dtype(dtype, device or next(self.unet.parameters()).device, f"{_name(dtype)} weights")
         for m in self.modules.values():
             m.to(device=device, dtype=dtype)
         return self
@@ -275,6 +279,10 @@ def _dtype(dtype) -> torch.dtype | None:
     return DTYPES[str(dtype).lower()]
 
 
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -> StableDiffusion:
     """A randomly initialised model from a config or preset name (`device="meta"` allocates nothing)."""
     name = config if isinstance(config, str) else config.family
@@ -314,6 +322,8 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
     use_ema: take the UNet's EMA weights from an original checkpoint that has them.
     strict: False loads what matches and keeps fresh weights for the rest (the report says what).
     """
+    if dtype is not None:  # weights are read onto the CPU
+        precision.check_dtype(_dtype(dtype), "cpu", f"{_name(_dtype(dtype))} weights")
     if str(path_or_name) in BUILTIN and not Path(path_or_name).exists():
         found = builtin_path(str(path_or_name))
         if found is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoints
+from .. import checkpoints, precision
 from ..errors import SDTorchError
 from ..models import AutoencoderKL
 from . import checks, common, losses
@@ -124,6 +124,8 @@ class VAERun:
     def __init__(self, args: VAETrainArgs):
         self.args, self.dist, self.out = args, common.init_distributed(), Path(args.output)
         self.checkpoint = checks.resume_state(args, self.out / "checkpoints")
+        if args.bf16 and self.dist.main:  # the trainers autocast on the CPU
+            precision.check_dtype(torch.bfloat16, "cpu", "--bf16")
         self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
                                            random_flip=args.random_flip, seed=args.seed)
         self.val_idx, self.train_idx = common.split(self.dataset, args.data, args.val_size, args.batch_size,

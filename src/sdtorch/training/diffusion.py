@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import checkpoints
+from .. import checkpoints, precision
 from ..config import ModelConfig
 from ..errors import SDTorchError
 from ..models import CLIPTextModel, UNet
@@ -227,6 +227,8 @@ class Run:
     def __init__(self, args: DiffusionArgs):
         self.args, self.dist, self.out = args, common.init_distributed(), Path(args.output)
         self.checkpoint = checks.resume_state(args, self.out / "checkpoints")  # read before anything is made
+        if args.bf16 and self.dist.main:  # the trainers autocast on the CPU
+            precision.check_dtype(torch.bfloat16, "cpu", "--bf16")
         self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
                                            random_flip=args.random_flip, seed=args.seed)
         self.val_idx, self.train_idx = common.split(self.dataset, args.data, args.val_size, args.batch_size,
