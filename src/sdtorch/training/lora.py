@@ -101,6 +101,8 @@ def setup(args: LoraTrainArgs) -> LoraRun:
     ids = targets(base, unet=True, text_encoder=args.text_encoder, feed_forward=args.feed_forward, conv=args.conv)
     alpha = float(args.alpha if args.alpha is not None else args.rank)
     network = create_network(base, ids, args.rank, alpha, args.dropout, name=args.lora_name, seed=args.seed)
+    # the captions' words are known words while training too (the sample grids warn about no caption word)
+    network.metadata["sdtorch_vocabulary"] = json.dumps(caption_words(run.dataset.captions))
     attach(base, network)
     torch.manual_seed(args.seed)  # the adapters' dropout masks: the same run repeats exactly, in any process
     run.base, run.clock = base, Clock()
