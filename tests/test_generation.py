@@ -9,6 +9,7 @@ from PIL import Image
 
 import sdtorch
 import sdtorch.generation
+import sdtorch.sampling
 import sdtorch.images
 
 
@@ -75,8 +76,8 @@ def test_inpaint_blend_returns_source_in_known_region():
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :4] = 1
     seen = []
-    blend = sdtorch.generation.InpaintBlend(lambda x, s, **kw: seen.append(x) or torch.randn_like(x),
-                                            source, mask, noise)
+    blend = sdtorch.sampling.InpaintBlend(lambda x, s, **kw: seen.append(x) or torch.randn_like(x),
+                                          source, mask, noise)
     out = blend(torch.randn(1, 4, 8, 8), torch.tensor([2.0]))
     assert torch.equal(out[..., 4:], source[..., 4:])
     assert torch.allclose(seen[0][..., 4:], source[..., 4:] + 2.0 * noise[..., 4:])

@@ -17,12 +17,11 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import prompts
 from .errors import SDTorchError
-from .sampling import SAMPLERS, CFGDenoiser, denoiser_for, get_sigmas, init_noise_sigma
+from .sampling import SAMPLERS, CFGDenoiser, InpaintBlend, denoiser_for, get_sigmas, init_noise_sigma
 
 
 @dataclass(frozen=True)
@@ -239,21 +238,6 @@ class PerImageNoise:
 
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
         return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
-
-
-class InpaintBlend(nn.Module):
-    """For models without inpainting channels: keep the known region (mask = 0) equal to the source
-    latents re-noised to the current level, at every step (the RePaint-style blend of Lugmayr et al.
-    2022, sec. 4, without resampling), and return the source there."""
-
-    def __init__(self, denoiser: nn.Module, source: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
-        super().__init__()
-        self.inner_model, self.source, self.mask, self.noise = denoiser, source, mask, noise
-
-    def forward(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        x = self.mask * x + (1 - self.mask) * (self.source + self.noise * sigma)
-        return self.mask * self.inner_model(x, sigma.flatten(), **kwargs) + (1 - self.mask) * self.source
 
 
 def _unet_fn(unet, extra: torch.Tensor | None):
