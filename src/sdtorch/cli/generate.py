@@ -15,10 +15,10 @@ import string
 import sys
 from pathlib import Path
 
-from . import infotext
-from .errors import SDTorchError
-from .fileio import atomic_file, check_file_destination, shown
-from .lora.prompt import applied_loras
+from .. import infotext
+from ..errors import SDTorchError
+from ..fileio import atomic_file, check_file_destination, shown
+from ..lora.prompt import applied_loras
 
 
 def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> None:
@@ -97,8 +97,8 @@ def _check_name_length(path: Path) -> None:
 def _request(args, limits, image_size=None, image_name="the image", strength: float = 1.0):
     """The request the flags describe, validated. Steps, guidance and sampler not given are checked as
     sdtorch's defaults here and as the model's once it is loaded; so is the size without -W/-H."""
-    from .generation import Request, new_seed, size_for_image
-    from .pipeline import GENERATION_DEFAULTS
+    from ..generation import Request, new_seed, size_for_image
+    from ..pipeline import GENERATION_DEFAULTS
 
     width, height = args.width, args.height
     if image_size is not None:
@@ -140,8 +140,8 @@ class LoraPlan:
 def lora_plan(args) -> LoraPlan:
     """Find every LoRA of the prompt and the --lora flags (one line if a name or file is missing, a scale is bad,
     or a recorded hash differs), before the model loads."""
-    from .lora.adapters import find_lora, lora_hash
-    from .lora.prompt import LoraRef, lora_tag, safe_name, split_lora_flag, split_lora_tags
+    from ..lora.adapters import find_lora, lora_hash
+    from ..lora.prompt import LoraRef, lora_tag, safe_name, split_lora_flag, split_lora_tags
 
     folder = getattr(args, "lora_dir", None)
     known_files = getattr(args, "lora_files", None) or {}
@@ -177,7 +177,7 @@ def lora_plan(args) -> LoraPlan:
 
 def _check_model_path(model: str) -> None:
     """A model path that exists is a regular file or a folder (a FIFO or device would block the reader)."""
-    from .pipeline import BUILTIN
+    from ..pipeline import BUILTIN
 
     path = Path(model)
     if model in BUILTIN and not path.exists():
@@ -187,9 +187,9 @@ def _check_model_path(model: str) -> None:
 
 
 def run(args, kind: str, digest: str | None = None) -> None:
-    from . import images
-    from .generation import Limits
-    from .pipeline import GENERATION_DEFAULTS, load
+    from .. import images
+    from ..generation import Limits
+    from ..pipeline import GENERATION_DEFAULTS, load
 
     limits = Limits.from_env()
     source = mask = size = None
@@ -229,7 +229,7 @@ def run(args, kind: str, digest: str | None = None) -> None:
 
 
 def _generate(model, kind: str, args, req, prompt: str, source, mask, limits):
-    from .pipeline import GENERATION_DEFAULTS
+    from ..pipeline import GENERATION_DEFAULTS
 
     common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, seed=req.seed,
                   batch_size=req.batch_size, karras=req.karras, clip_skip=req.clip_skip, progress=True,
@@ -246,9 +246,9 @@ def _generate(model, kind: str, args, req, prompt: str, source, mask, limits):
 
 def replay(args) -> None:
     """Read an image's parameters and make the text-to-image run again."""
-    from .generation import Limits
-    from .images import read_text_chunk
-    from .pipeline import builtin_path
+    from ..generation import Limits
+    from ..images import read_text_chunk
+    from ..pipeline import builtin_path
 
     image = shown(args.image)
     Limits.from_env()  # a malformed limit is reported before the image is read
@@ -296,7 +296,7 @@ def replay(args) -> None:
 
 
 def samplers(args) -> None:
-    from .sampling import SAMPLERS
+    from ..sampling import SAMPLERS
 
     for name, fn in SAMPLERS.items():
         summary = (fn.__doc__ or "").strip().splitlines()[0]
@@ -304,7 +304,7 @@ def samplers(args) -> None:
 
 
 def add_commands(sub) -> None:
-    from .generation import ENV_HELP
+    from ..generation import ENV_HELP
 
     p = sub.add_parser("generate", help="text to image", epilog=ENV_HELP)
     p.add_argument("prompt", help="what the image shows")
