@@ -25,7 +25,7 @@ def main() -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     import sdtorch
-    from sdtorch.data.analyse import analyse, match
+    from sdtorch.evaluation.analyse import analyse, match
     from sdtorch.evaluation import shapes_prompts
     from sdtorch.pipeline import builtin_path
 

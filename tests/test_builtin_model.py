@@ -14,8 +14,8 @@ from test_bad_input import run_cli
 
 import sdtorch
 from sdtorch import checkpoints
-from sdtorch.data import analyse, shapes
-from sdtorch.evaluation import autoencoder_roundtrip, shapes_prompts
+from sdtorch.data import shapes
+from sdtorch.evaluation import analyse, autoencoder_roundtrip, shapes_prompts
 from sdtorch.pipeline import builtin_path
 
 needs_model = pytest.mark.skipif(builtin_path("shapes") is None, reason="built-in model not installed")

@@ -9,6 +9,7 @@ from PIL import Image
 
 import sdtorch
 import sdtorch.generation
+import sdtorch.sampling
 import sdtorch.images
 
 
@@ -27,7 +28,10 @@ def test_txt2img_is_reproducible_and_batch_independent(tiny):
     b = tiny.txt2img("a red circle", steps=4, seed=7, output_type="tensor")
     assert a.shape == (1, 3, 64, 64) and torch.equal(a, b)
     batch = tiny.txt2img("a red circle", steps=4, seed=6, batch_size=2, output_type="tensor")
-    assert tiny.last_seeds == [6, 7]
+    result = sdtorch.generation.generate(tiny, sdtorch.generation.resolve("a red circle", tiny, steps=4, seed=6,
+                                                                            batch_size=2))
+    assert result.seeds == [6, 7] and torch.equal(result.images, batch), "the same images as the Python API"
+    assert not hasattr(tiny, "last_seeds"), "no per-call state on the model"
     assert torch.equal(batch[1:], a), "image 2 of a batch must equal the single image of its seed"
     assert not torch.equal(batch[0], batch[1])
     other = tiny.txt2img("a blue square", steps=4, seed=7, output_type="tensor")
@@ -75,8 +79,8 @@ def test_inpaint_blend_returns_source_in_known_region():
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :4] = 1
     seen = []
-    blend = sdtorch.generation.InpaintBlend(lambda x, s, **kw: seen.append(x) or torch.randn_like(x),
-                                            source, mask, noise)
+    blend = sdtorch.sampling.InpaintBlend(lambda x, s, **kw: seen.append(x) or torch.randn_like(x),
+                                          source, mask, noise)
     out = blend(torch.randn(1, 4, 8, 8), torch.tensor([2.0]))
     assert torch.equal(out[..., 4:], source[..., 4:])
     assert torch.allclose(seen[0][..., 4:], source[..., 4:] + 2.0 * noise[..., 4:])
@@ -127,3 +131,60 @@ def test_img2img_at_another_size_resizes_the_source(tiny):
     src = Image.new("RGB", (64, 64), (200, 30, 30))
     out = tiny.img2img(src, "x", strength=0.5, steps=2, seed=0, width=32, height=48, output_type="tensor")
     assert out.shape == (1, 3, 48, 32)
+
+
+def test_the_callback_sees_every_step_and_may_preview(tiny):
+    steps = []
+    req = sdtorch.generation.resolve("x", tiny, steps=3, seed=2, batch_size=2)
+    previews = []
+
+    def callback(step):
+        steps.append((step.image, step.images, step.index, step.total, step.done))
+        if step.index == 1:
+            previews.append(step.preview())
+
+    result = sdtorch.generation.generate(tiny, req, callback=callback)
+    assert steps == [(i, 2, j, 3, 3 * i + j + 1) for i in range(2) for j in range(3)]
+    assert len(previews) == 2 and previews[0].shape == (1, 3, 64, 64)
+    assert torch.equal(result.images, sdtorch.generation.generate(tiny, req).images), "previews change nothing"
+    assert not result.interrupted and result.request.steps == 3 and result.request.sampler == "dpmpp_2m"
+
+
+@pytest.mark.parametrize("how", ["false", "raise"])
+def test_an_interrupted_run_returns_what_it_has(tiny, how):
+    def callback(step):
+        if (step.image, step.index) == (1, 1):
+            if how == "raise":
+                raise sdtorch.generation.Interrupted
+            return False
+
+    req = sdtorch.generation.resolve("x", tiny, steps=3, seed=2, batch_size=3)
+    result = sdtorch.generation.generate(tiny, req, callback=callback)
+    assert result.interrupted and result.seeds == [2, 3] and result.images.shape == (2, 3, 64, 64)
+    assert len(result.parameters) == 2 and "Seed: 3," in result.parameters[1]
+    assert torch.equal(result.images[:1], sdtorch.generation.generate(tiny, req).images[:1])
+
+
+def test_the_result_carries_the_parameters_text_and_png_bytes(tiny):
+    import io
+
+    from sdtorch import infotext
+
+    req = sdtorch.generation.resolve("a red circle", tiny, steps=2, seed=5, guidance=3.0)
+    result = sdtorch.generation.generate(tiny, req, origin=infotext.Origin(model="m.safetensors", model_hash="ab"))
+    prompt, _, fields = infotext.parse(result.parameters[0])
+    assert prompt == "a red circle" and fields["Seed"] == "5" and fields["Steps"] == "2"
+    assert fields["CFG scale"] == "3.0" and fields["Model"] == "m.safetensors" and fields["Model hash"] == "ab"
+    assert "Mode" not in fields and fields["Size"] == "64x64"
+    png = Image.open(io.BytesIO(result.png(0)))
+    assert png.info["parameters"] == result.parameters[0]
+    assert np.array_equal(np.asarray(png), np.asarray(result.pil()[0]))
+
+
+def test_resolve_takes_the_model_defaults_once(tiny):
+    req = sdtorch.generation.resolve("x", tiny, seed=None)
+    assert (req.steps, req.sampler, req.width, req.height, req.seed) == (20, "dpmpp_2m", 64, 64, None)
+    req = sdtorch.generation.resolve("x", tiny, (70, 50), steps=3)
+    assert (req.width, req.height, req.steps) == (64, 48, 3)  # the image's size, rounded down to 8
+    with pytest.raises(sdtorch.SDTorchError, match="unknown generation option 'stepz'"):
+        sdtorch.generation.resolve("x", tiny, stepz=3)

@@ -13,9 +13,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import sdtorch
-from sdtorch.data.analyse import analyse, grade, match, parse_caption
 from sdtorch.data.shapes import (BACKGROUNDS, COLORS, CORNERS, HELD_OUT, POSITIONS, SHAPES, SIZES, TEAL, Obj, Scene,
                                  random_scene, render)
+from sdtorch.evaluation.analyse import analyse, grade, match, parse_caption
 from sdtorch.evaluation import (ATTRIBUTES, SPLITS, autoencoder_roundtrip, evaluate_shapes, shapes_prompts,
                                 validate_analyser)
 from sdtorch.pipeline import GENERATION_DEFAULTS

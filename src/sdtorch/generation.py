@@ -1,5 +1,14 @@
 """Text-to-image, image-to-image and inpainting: encode the prompt, sample, decode.
 
+The one path every front end takes (the Python API, the CLI, a server):
+
+    req = resolve(prompt, model, **options)   # defaults filled in once (the model's, else sdtorch's), validated
+    result = generate(model, req, source, mask, callback=ProgressBar())
+    result.images, result.seeds, result.parameters, result.png(0)
+
+A callback sees every step (`Step`: which image, which step, the latents, a preview on request) and stops
+the run by returning False or raising `Interrupted`; `generate` then returns what it has.
+
 Reproducibility: image i of a batch starts from noise drawn on the CPU from its own seed (seed + i),
 and its ancestral/SDE noise comes from the same per-image generator. Images are denoised one at a
 time (each as one guided batch of two), so an image does not depend on the batch it was made in.
@@ -7,6 +16,8 @@ time (each as one guided batch of two), so an image does not depend on the batch
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import numbers
 import os
@@ -14,15 +25,14 @@ import re
 import secrets
 import warnings
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from . import prompts
+from . import infotext, prompts
 from .errors import SDTorchError
-from .sampling import SAMPLERS, CFGDenoiser, denoiser_for, get_sigmas, init_noise_sigma
+from .sampling import SAMPLERS, CFGDenoiser, InpaintBlend, denoiser_for, get_sigmas, init_noise_sigma
 
 
 @dataclass(frozen=True)
@@ -241,19 +251,127 @@ class PerImageNoise:
         return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
 
 
-class InpaintBlend(nn.Module):
-    """For models without inpainting channels: keep the known region (mask = 0) equal to the source
-    latents re-noised to the current level, at every step (the RePaint-style blend of Lugmayr et al.
-    2022, sec. 4, without resampling), and return the source there."""
+def resolve(prompt: str, model=None, image_size=None, *, image_name: str = "the image", limits: Limits | None = None,
+            stacklevel: int = 2, **options) -> Request:
+    """The request `options` describe (Request's fields; None or left out: not given), with every default
+    resolved here and only here, and validated: steps, guidance and sampler from the model's defaults (sdtorch's
+    without a model); width and height from the source image's `image_size` (rounded down to a multiple of 8;
+    the image is resized to what is given) or else the model's size. A seed left out stays None (a random one).
 
-    def __init__(self, denoiser: nn.Module, source: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
-        super().__init__()
-        self.inner_model, self.source, self.mask, self.noise = denoiser, source, mask, noise
+    Without a model (a check before it loads), a size left to the model is checked as 8x8. With one, the checks
+    that depend on it run too, and a prompt with words it was not trained on, or a size asked for other than
+    its own, warns (`stacklevel` as for warnings.warn, counted from this function)."""
+    from .pipeline import GENERATION_DEFAULTS
 
-    def forward(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        x = self.mask * x + (1 - self.mask) * (self.source + self.noise * sigma)
-        return self.mask * self.inner_model(x, sigma.flatten(), **kwargs) + (1 - self.mask) * self.source
+    options = {k: v for k, v in options.items() if v is not None or k == "seed"}
+    given_size = "width" in options or "height" in options
+    for key in GENERATION_DEFAULTS:
+        if key not in options:
+            options[key] = model.default(key) if model is not None else GENERATION_DEFAULTS[key]
+    if image_size is not None:
+        options["width"], options["height"] = size_for_image(*image_size, options.get("width"),
+                                                             options.get("height"), name=image_name)
+    side = model.config.sample_size if model is not None else 8
+    options.setdefault("width", side)
+    options.setdefault("height", side)
+    req = make_request(prompt=prompt, **options)
+    req.validate(limits, None if model is None else model.config)
+    if model is not None:
+        _warn(model, req, given_size, stacklevel + 1)
+    return req
+
+
+def _warn(model, req: Request, given_size: bool, stacklevel: int) -> None:
+    """Warn about a prompt with words the model was not trained on, and about a size asked for that is not the
+    model's training size: both give poor images, not errors."""
+    from .pipeline import BUILTIN_DOCS
+
+    vocabulary = model.known_words()
+    unknown = unknown_words(req.prompt, vocabulary) if vocabulary else []
+    if unknown:
+        see = f" (see {BUILTIN_DOCS[model.name]})" if model.name in BUILTIN_DOCS else ""
+        warnings.warn(f"the model {model.name} does not know {', '.join(map(repr, unknown))}; it knows: "
+                      f"{', '.join(vocabulary)}{see}", stacklevel=stacklevel)
+    side = model.config.sample_size
+    if given_size and (req.width, req.height) != (side, side):
+        warnings.warn(f"{req.width}x{req.height} differs from the {side}x{side} this model was trained at; "
+                      "expect repeated or broken objects", stacklevel=stacklevel)
+
+
+class Interrupted(Exception):
+    """Raised by a step callback (or by `generate` when the callback returns False) to stop a run early."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a step callback sees: step `index` of `total` (0-based) of image `image` of `images`, the sampler's
+    state `latents` before the step and its estimate `denoised` of the clean latents at noise level `sigma`."""
+
+    image: int
+    images: int
+    index: int
+    total: int
+    sigma: float
+    latents: torch.Tensor
+    denoised: torch.Tensor
+    decoder: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def done(self) -> int:
+        """Steps finished over the whole run once this one is."""
+        return self.image * self.total + self.index + 1
+
+    def preview(self) -> torch.Tensor:
+        """The current estimate decoded to an image in [0, 1], [1, 3, H, W]: a full VAE decode, so ask for it
+        only when it is shown."""
+        return self.decoder(self.denoised)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What `generate` returns: `images` in [0, 1] as [B, 3, H, W], the `seeds` they were made from, the
+    `request` as run (every default resolved) and each image's A1111 `parameters` text. `interrupted`: the
+    callback stopped the run; the images are those finished and the one in progress (decoded from its latest
+    estimate, if it had taken a step)."""
+
+    images: torch.Tensor
+    seeds: list[int]
+    request: Request
+    parameters: list[str]
+    interrupted: bool = False
+
+    def pil(self) -> list:
+        from .images import to_pil
+
+        return to_pil(self.images)
+
+    def png(self, i: int = 0) -> bytes:
+        """Image `i` as PNG bytes carrying its parameters text (the chunk A1111 reads back)."""
+        from .images import png_bytes, to_pil
+
+        return png_bytes(to_pil(self.images[i:i + 1])[0], self.parameters[i])
+
+
+class ProgressBar:
+    """A step callback that shows one tqdm bar over every step of every image (the CLI's, and `progress=True`'s).
+    Use it as a context manager, so the bar is closed however the run ends."""
+
+    def __init__(self, desc: str = "sampling"):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, step: Step) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=step.total * step.images, desc=self.desc, unit="step")
+        self.bar.update(1)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _unet_fn(unet, extra: torch.Tensor | None):
@@ -268,22 +386,38 @@ def _unet_fn(unet, extra: torch.Tensor | None):
     return call
 
 
+def _fit(req: Request, source, mask):
+    """`source` ([1, 3, h, w] in [-1, 1]) and `mask` ([1, 1, h, w] in [0, 1], 1 = repaint) checked, and resized
+    to the request's size where it asks for another (bicubic, the mask nearest), as A1111 does."""
+    for name, t, channels in (("source", source, 3), ("mask", mask, 1)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.ndim != 4 or tuple(t.shape[:2]) != (1, channels)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise SDTorchError(f"{name} must be a tensor of shape [1, {channels}, H, W], got {got}")
+    if mask is not None and source is None:
+        raise SDTorchError("a mask needs a source image")
+    if mask is not None and mask.shape[-2:] != source.shape[-2:]:
+        raise SDTorchError(f"mask size {mask.shape[-1]}x{mask.shape[-2]} does not match image size "
+                           f"{source.shape[-1]}x{source.shape[-2]}")
+    if source is not None and tuple(source.shape[-2:]) != (req.height, req.width):
+        source = F.interpolate(source, size=(req.height, req.width), mode="bicubic", align_corners=False)
+        if mask is not None:
+            mask = F.interpolate(mask, size=(req.height, req.width), mode="nearest")
+    return source, mask
+
+
 @torch.no_grad()
-def generate(model, req: Request, source: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-             progress: bool = True, limits: Limits | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Run one request. `source`: image in [-1, 1], [1, 3, H, W] (img2img/inpaint); `mask`: [1, 1, H, W]
-    in [0, 1], 1 = repaint. Returns (images in [0, 1] as [B, 3, H, W], seeds). A request whose sampling
-    or decoding comes out non-finite raises SDTorchError rather than return a black image."""
+def generate(model, req: Request, source: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+             callback: Callable[[Step], bool | None] | None = None, limits: Limits | None = None,
+             origin: infotext.Origin | None = None) -> Result:
+    """Run one request (see `resolve`). `source`: image in [-1, 1], [1, 3, H, W] (img2img/inpaint); `mask`:
+    [1, 1, H, W] in [0, 1], 1 = repaint; both are resized to the request's size. `callback(step)` is called at
+    every step; returning False or raising Interrupted stops the run. `origin`: what the parameters text says
+    about the model and the run (default: the model's name, no hash). A run whose sampling or decoding comes
+    out non-finite raises SDTorchError rather than return a black image."""
     if not isinstance(req, Request):
         raise SDTorchError(f"expected a generation.Request, got {type(req).__name__}")
     req.validate(limits, model.config)
-    for name, t, channels in (("source", source, 3), ("mask", mask, 1)):
-        shape = (1, channels, req.height, req.width)
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise SDTorchError(f"{name} must be a tensor of shape {list(shape)}, got {got}")
-    if mask is not None and source is None:
-        raise SDTorchError("a mask needs a source image")
+    source, mask = _fit(req, source, mask)
     unet, vae = model.unet, model.vae
     # The sampler's state is float32 whatever the network's dtype: on the variance-exploding axis x reaches
     # sigma_max * 4 (over 500 for a linear schedule), and in fp16 a product like sigma * x overflows (PLMS at
@@ -312,42 +446,58 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
         sigmas = sigmas[req.steps - run:]
     seed = new_seed() if req.seed is None else req.seed
     seeds = [seed + i for i in range(req.batch_size)]
-    images = []
-    bar = tqdm(total=(len(sigmas) - 1) * len(seeds), desc="sampling", disable=not progress, unit="step")
-    try:
-        for s in seeds:
-            g = torch.Generator().manual_seed(s)
-            noise = torch.randn(latent_shape, generator=g, dtype=torch.float32).to(device, dtype)
-            x = noise * init_noise_sigma(sigmas, req.sampler) if init is None else init + noise * sigmas[0]
-            den = guided
-            if latent_mask is not None and extra is None:
-                den = InpaintBlend(guided, init, latent_mask, noise)
-            if len(sigmas) > 1:
+    blend = latent_mask is not None and extra is None
+    keep = (lambda x: latent_mask * x + (1 - latent_mask) * init) if blend else (lambda x: x)  # noqa: E731
+    preview = lambda x: decode(vae, keep(x) / scale)  # noqa: E731
+    images, interrupted = [], False
+    for n, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        noise = torch.randn(latent_shape, generator=g, dtype=torch.float32).to(device, dtype)
+        x = noise * init_noise_sigma(sigmas, req.sampler) if init is None else init + noise * sigmas[0]
+        den = InpaintBlend(guided, init, latent_mask, noise) if blend else guided
+        latest = []  # the x_0 estimate of the last step taken, for an interrupted image
+
+        def report(info, n=n):
+            latest[:] = [info["denoised"]]
+            if callback is not None and callback(Step(n, len(seeds), info["i"], len(sigmas) - 1,
+                                                      float(info["sigma"]), info["x"], info["denoised"],
+                                                      preview)) is False:
+                raise Interrupted
+
+        if len(sigmas) > 1:
+            try:
                 x = SAMPLERS[req.sampler](den, x, sigmas, extra_args={"context": cond, "uncond": uncond},
-                                          callback=lambda info: bar.update(1),
-                                          noise=PerImageNoise(g, latent_shape, dtype, device))
-            if latent_mask is not None and extra is None:
-                x = latent_mask * x + (1 - latent_mask) * init
-            if not torch.isfinite(x).all():
-                raise SDTorchError(f"sampling produced NaN/inf latents (seed {s}, sampler {req.sampler}, {req.steps} "
-                                   f"steps, guidance {req.guidance:g}); nothing was written")
-            images.append(decode(vae, x / scale))
-    finally:
-        bar.close()
-    return torch.cat(images), seeds
+                                          callback=report, noise=PerImageNoise(g, latent_shape, dtype, device))
+            except Interrupted:
+                interrupted = True
+                if not latest:
+                    break
+                x = latest[0]
+        x = keep(x)
+        if not torch.isfinite(x).all():
+            raise SDTorchError(f"sampling produced NaN/inf latents (seed {s}, sampler {req.sampler}, {req.steps} "
+                               f"steps, guidance {req.guidance:g}); nothing was written")
+        images.append(decode(vae, x / scale))
+        if interrupted:
+            break
+    seeds = seeds[:len(images)]
+    out = torch.cat(images) if images else torch.zeros(0, 3, req.height, req.width)
+    origin = origin or infotext.Origin(model=model.name)
+    mode = origin.mode or ("txt2img" if source is None else "img2img" if mask is None else "inpaint")
+    hashes = {name: net.hash for name, net in model.loras.items()}
+    texts = [infotext.parameters(req, s, origin, mode, hashes) for s in seeds]
+    return Result(out, seeds, dataclasses.replace(req, seed=seed), texts, interrupted)
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode to [0, 1]; if reduced precision overflows to NaN/inf, decode again in fp32 and warn.
-    An image that is still not finite raises SDTorchError (it would be saved as black)."""
+    """VAE decode to [0, 1]; if reduced precision overflows to NaN/inf, decode again with a float32 copy of the
+    VAE (the model's own is left as it is) and warn. An image that is still not finite raises SDTorchError (it
+    would be saved as black)."""
     p = next(vae.parameters())
-    device, dtype = p.device, p.dtype  # read now: .float() below converts p itself
-    image = vae.decode(latents.to(device, dtype))
-    if not torch.isfinite(image).all() and dtype != torch.float32:
-        warnings.warn(f"VAE decode in {dtype} gave NaN/inf; decoding again in float32", stacklevel=2)
-        vae.float()
-        image = vae.decode(latents.float().to(device))
-        vae.to(dtype)
+    image = vae.decode(latents.to(p.device, p.dtype))
+    if not torch.isfinite(image).all() and p.dtype != torch.float32:
+        warnings.warn(f"VAE decode in {p.dtype} gave NaN/inf; decoding again in float32", stacklevel=2)
+        image = copy.deepcopy(vae).float().decode(latents.float().to(p.device))
     if not torch.isfinite(image).all():
         raise SDTorchError("the VAE decoded NaN/inf pixels from finite latents (in float32); nothing was written")
     return ((image.float() + 1) / 2).clamp(0, 1).cpu()

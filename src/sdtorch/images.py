@@ -13,6 +13,7 @@ SDTorchError line naming it and converts every PIL mode the same way:
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import warnings
 import zlib
@@ -149,6 +150,18 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] -> PIL images (rounded to 8 bits)."""
     arr = (images.permute(0, 2, 3, 1).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """A PNG file's bytes, with A1111's `parameters` text chunk where given."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def check_padding(size, pads, max_side: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SDTorchError
@@ -72,6 +73,33 @@ def build(prompt: str, negative_prompt: str, fields: dict) -> str:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a parameters text records beyond the request: the model as the user named it (a path or a built-in
+    name) and its `model_hash`, the `mode` where the front end knows better than the run (outpaint is an
+    inpaint of a padded image), the `prompt` as written where it differs from the one encoded (LoRA tags kept,
+    --lora flags added as tags), and the LoRAs given as files ({name: path}, the "Lora files" field)."""
+
+    model: str = ""
+    model_hash: str | None = None
+    mode: str | None = None
+    prompt: str | None = None
+    lora_files: dict = field(default_factory=dict)
+
+
+def parameters(req, seed: int, origin: Origin, mode: str, lora_hashes: dict[str, str]) -> str:
+    """The parameters text of one image of the request `req` (a generation.Request with its defaults resolved),
+    made from `seed` by a run of `mode` (txt2img, img2img, inpaint, outpaint) with the LoRAs `lora_hashes`."""
+    return build(req.prompt if origin.prompt is None else origin.prompt, req.negative_prompt, {
+        "Steps": req.steps, "Sampler": A1111_NAMES[req.sampler], "Schedule type": "Karras" if req.karras else None,
+        "CFG scale": req.guidance, "Seed": seed, "Size": f"{req.width}x{req.height}", "Model hash": origin.model_hash,
+        "Model": origin.model.encode("utf-8", "backslashreplace").decode("utf-8"),
+        "Denoising strength": req.strength if mode == "img2img" else None,
+        "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if mode == "txt2img" else mode,
+        **lora_fields(lora_hashes, origin.lora_files),
+    })
 
 
 def lora_fields(hashes: dict[str, str], files: dict[str, str]) -> dict:

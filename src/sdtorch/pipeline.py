@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoints, precision
 from .config import PRESETS, ModelConfig
@@ -118,29 +117,11 @@ class StableDiffusion:
         if output_type not in ("pil", "tensor"):
             raise SDTorchError(f"output_type must be 'pil' or 'tensor', got {output_type!r}")
         limits = generation.Limits.of(limits)
-        c = self.config
-        for key in GENERATION_DEFAULTS:
-            if kw.get(key) is None:
-                kw[key] = self.default(key)
-        given_size = kw.get("width") is not None or kw.get("height") is not None
-        if source is None:
-            kw["width"] = c.sample_size if kw.get("width") is None else kw["width"]
-            kw["height"] = c.sample_size if kw.get("height") is None else kw["height"]
-        else:
-            kw["width"], kw["height"] = generation.size_for_image(source.shape[-1], source.shape[-2], kw.get("width"),
-                                                                  kw.get("height"))
-        kw = {k: v for k, v in kw.items() if v is not None or k == "seed"}
-        req = generation.make_request(prompt=prompt, **kw)
-        req.validate(limits, c)
-        self._warn(req, given_size)
-        if source is not None and tuple(source.shape[-2:]) != (req.height, req.width):
-            # A requested size other than the image's: resize the image (and mask) to it, as A1111 does.
-            source = F.interpolate(source, size=(req.height, req.width), mode="bicubic", align_corners=False)
-            if mask is not None:
-                mask = F.interpolate(mask, size=(req.height, req.width), mode="nearest")
-        out, seeds = generation.generate(self, req, source, mask, progress=progress, limits=limits)
-        self.last_seeds = seeds
-        return out if output_type == "tensor" else images.to_pil(out)
+        size = None if source is None else (source.shape[-1], source.shape[-2])
+        req = generation.resolve(prompt, self, size, limits=limits, stacklevel=4, **kw)
+        with generation.ProgressBar() if progress else contextlib.nullcontext() as bar:
+            result = generation.generate(self, req, source, mask, callback=bar, limits=limits)
+        return result.images if output_type == "tensor" else images.to_pil(result.images)
 
     def known_words(self) -> list[str] | None:
         """The model's prompt vocabulary and the caption words of its loaded LoRAs (their sdtorch_vocabulary
@@ -155,22 +136,6 @@ class StableDiffusion:
                 extra = []
             words += [w for w in extra if isinstance(w, str) and w not in words]
         return words
-
-    def _warn(self, req, given_size: bool) -> None:
-        """Warn (once per request) about a prompt with words the model was not trained on, and about a
-        size asked for that is not the model's training size: both give poor images, not errors."""
-        from . import generation
-
-        vocabulary = self.known_words()
-        unknown = generation.unknown_words(req.prompt, vocabulary) if vocabulary else []
-        if unknown:
-            see = f" (see {BUILTIN_DOCS[self.name]})" if self.name in BUILTIN_DOCS else ""
-            warnings.warn(f"the model {self.name} does not know {', '.join(map(repr, unknown))}; it knows: "
-                          f"{', '.join(vocabulary)}{see}", stacklevel=4)
-        side = self.config.sample_size
-        if given_size and (req.width, req.height) != (side, side):
-            warnings.warn(f"{req.width}x{req.height} differs from the {side}x{side} this model was trained at; "
-                          "expect repeated or broken objects", stacklevel=4)
 
     def txt2img(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
                 height: int | None = None, steps: int | None = None, guidance: float | None = None,

@@ -8,7 +8,7 @@ Following Karras et al. 2022 (eq. 7 and table 1, "preconditioning"),
 
 where F is the network and t(sigma) the training timestep of that noise level. One small subclass
 per parameterization fixes the three scalings; the discrete sigma <-> timestep conversion lives in
-their common base. Classifier-free guidance is one more wrapper around a denoiser.
+their common base. Classifier-free guidance and the inpainting blend are more wrappers around a denoiser.
 """
 
 from __future__ import annotations
@@ -191,3 +191,18 @@ class CFGDenoiser(nn.Module):
         d_uncond, d_cond = out.chunk(2)
         guided = d_uncond + scale * (d_cond - d_uncond)
         return rescale_guidance(guided, d_cond, self.rescale) if self.rescale > 0 else guided
+
+
+class InpaintBlend(nn.Module):
+    """For models without inpainting channels: keep the known region (mask = 0) equal to the source
+    latents re-noised to the current level, at every step (the RePaint-style blend of Lugmayr et al.
+    2022, sec. 4, without resampling), and return the source there."""
+
+    def __init__(self, denoiser: nn.Module, source: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
+        super().__init__()
+        self.inner_model, self.source, self.mask, self.noise = denoiser, source, mask, noise
+
+    def forward(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        x = self.mask * x + (1 - self.mask) * (self.source + self.noise * sigma)
+        return self.mask * self.inner_model(x, sigma.flatten(), **kwargs) + (1 - self.mask) * self.source

@@ -21,7 +21,7 @@ REQUIRED = MISSING  # `option`'s default for a field that has none
 
 def option(default, group: str, help: str):
     """A trainer argument's dataclass field: its default (REQUIRED for none; a list is copied for each
-    instance), and the group and one-line help that `sdtorch train --help` shows it under (cli_train.py)."""
+    instance), and the group and one-line help that `sdtorch train --help` shows it under (cli/train.py)."""
     meta = {"group": group, "help": help}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)

@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from .lora.prompt import applied_loras
+from ..lora.prompt import applied_loras
 
 
 def make_shapes(args) -> None:
-    from .data.shapes import make_shapes as write
+    from ..data.shapes import make_shapes as write
 
     folder = write(args.folder, args.count, seed=args.seed, size=args.size, random_colors=args.random_colors,
                    with_color=args.with_color)
@@ -18,8 +18,8 @@ def make_shapes(args) -> None:
 
 
 def evaluate(args) -> None:
-    from .evaluation import check_output_folder, check_shapes_eval, evaluate_shapes
-    from .pipeline import load
+    from ..evaluation import check_output_folder, check_shapes_eval, evaluate_shapes
+    from ..pipeline import load
 
     out = Path(args.output)
     check_shapes_eval(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -41,8 +41,8 @@ def evaluate(args) -> None:
 
 def _lora_refs(args) -> list:
     """The --lora flags as LoRAs to apply, every file found before the model loads."""
-    from .lora.adapters import find_lora
-    from .lora.prompt import LoraRef, safe_name, split_lora_flag
+    from ..lora.adapters import find_lora
+    from ..lora.prompt import LoraRef, safe_name, split_lora_flag
 
     refs = []
     for text in args.lora:

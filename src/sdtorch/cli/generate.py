@@ -1,6 +1,6 @@
 """`sdtorch generate | img2img | inpaint | outpaint | replay | samplers`: PNG files with A1111's parameters chunk.
 
-Every argument, image and output name is checked before the model loads (`generation.Request.validate`,
+Every argument, image and output name is checked before the model loads (`generation.resolve`,
 `images.open_image`, `output_paths`), and images are written only after all of them were generated,
 each through a temporary file renamed into place, so a failure leaves no partial output.
 """
@@ -15,10 +15,10 @@ import string
 import sys
 from pathlib import Path
 
-from . import infotext
-from .errors import SDTorchError
-from .fileio import atomic_file, check_file_destination, shown
-from .lora.prompt import applied_loras
+from .. import infotext
+from ..errors import SDTorchError
+from ..fileio import atomic_file, check_file_destination, shown
+from ..lora.prompt import applied_loras
 
 
 def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> None:
@@ -94,35 +94,18 @@ def _check_name_length(path: Path) -> None:
         raise SDTorchError(f"{shown(path)}: file name too long (at most {most - 14} bytes)")
 
 
-def _request(args, limits, image_size=None, image_name="the image", strength: float = 1.0):
-    """The request the flags describe, validated. Steps, guidance and sampler not given are checked as
-    sdtorch's defaults here and as the model's once it is loaded; so is the size without -W/-H."""
-    from .generation import Request, new_seed, size_for_image
-    from .pipeline import GENERATION_DEFAULTS
-
-    width, height = args.width, args.height
-    if image_size is not None:
-        width, height = size_for_image(*image_size, width, height, name=image_name)
-    seed = new_seed() if args.seed is None else args.seed
-    given = {k: getattr(args, k) for k in GENERATION_DEFAULTS if getattr(args, k) is not None}
-    req = Request(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                  width=8 if width is None else width, height=8 if height is None else height,
-                  seed=seed, batch_size=args.batch, karras=args.karras, strength=strength, clip_skip=args.clip_skip,
-                  **given)
-    req.validate(limits)
-    return req
+def _options(args, seed: int, strength: float = 1.0) -> dict:
+    """The generation options the flags give (None where a flag is left to the model's default)."""
+    return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
+                guidance=args.guidance, sampler=args.sampler, seed=seed, batch_size=args.batch, karras=args.karras,
+                strength=strength, clip_skip=args.clip_skip)
 
 
-def _save(images, paths, texts) -> None:
+def _save(result, paths) -> None:
     """Write every PNG under a temporary name, then rename them all; on any failure none is left."""
-    from PIL.PngImagePlugin import PngInfo
-
     with contextlib.ExitStack() as stack:
-        for image, path, text in zip(images, paths, texts):
-            info = PngInfo()
-            info.add_text("parameters", text)
-            tmp = stack.enter_context(atomic_file(path))
-            image.save(tmp, format="PNG", pnginfo=info)
+        for i, path in enumerate(paths):
+            stack.enter_context(atomic_file(path)).write_bytes(result.png(i))
     for path in paths:
         print(f"wrote {shown(path)}")
 
@@ -140,8 +123,8 @@ class LoraPlan:
 def lora_plan(args) -> LoraPlan:
     """Find every LoRA of the prompt and the --lora flags (one line if a name or file is missing, a scale is bad,
     or a recorded hash differs), before the model loads."""
-    from .lora.adapters import find_lora, lora_hash
-    from .lora.prompt import LoraRef, lora_tag, safe_name, split_lora_flag, split_lora_tags
+    from ..lora.adapters import find_lora, lora_hash
+    from ..lora.prompt import LoraRef, lora_tag, safe_name, split_lora_flag, split_lora_tags
 
     folder = getattr(args, "lora_dir", None)
     known_files = getattr(args, "lora_files", None) or {}
@@ -177,7 +160,7 @@ def lora_plan(args) -> LoraPlan:
 
 def _check_model_path(model: str) -> None:
     """A model path that exists is a regular file or a folder (a FIFO or device would block the reader)."""
-    from .pipeline import BUILTIN
+    from ..pipeline import BUILTIN
 
     path = Path(model)
     if model in BUILTIN and not path.exists():
@@ -187,11 +170,11 @@ def _check_model_path(model: str) -> None:
 
 
 def run(args, kind: str, digest: str | None = None) -> None:
-    from . import images
-    from .generation import Limits
-    from .pipeline import GENERATION_DEFAULTS, load
+    from .. import generation, images
+    from ..infotext import Origin
+    from ..pipeline import load
 
-    limits = Limits.from_env()
+    limits = generation.Limits.from_env()
     source = mask = size = None
     name = shown(getattr(args, "image", ""))
     if kind in ("img2img", "outpaint"):
@@ -203,52 +186,33 @@ def run(args, kind: str, digest: str | None = None) -> None:
     if kind == "outpaint":
         size = images.check_padding(source.size, args.pad, limits.max_side)
         name = f"{name} padded by {tuple(args.pad)}"
-    req = _request(args, limits, size, name, getattr(args, "strength", 1.0))
-    seeds = [req.seed + i for i in range(req.batch_size)]
-    paths = output_paths(args.output, seeds)
+        source, mask = images.pad_for_outpaint(source, *args.pad, max_side=limits.max_side)
+    seed = generation.new_seed() if args.seed is None else args.seed
+    options = _options(args, seed, getattr(args, "strength", 1.0) if kind == "img2img" else 1.0)
+    req = generation.resolve(args.prompt, None, size, image_name=name, limits=limits, **options)  # before loading
+    paths = output_paths(args.output, [req.seed + i for i in range(req.batch_size)])
     _check_model_path(args.model)
     plan = lora_plan(args)
     model = load(args.model, dtype=args.dtype)
-    digest = digest or infotext.model_hash(args.model)
+    origin = Origin(model=args.model, model_hash=digest or infotext.model_hash(args.model), mode=kind,
+                    prompt=plan.recorded_prompt, lora_files=plan.files)
     folder, partial = getattr(args, "lora_dir", None), getattr(args, "lora_partial", False)
     with applied_loras(model, plan.refs, folder, partial) as nets:
         for lora_name, (_, report) in nets.items():
             print(f"LoRA {lora_name}: {report.summary()}", file=sys.stderr)
-        out = _generate(model, kind, args, req, plan.prompt, source, mask, limits)
-    used = {k: getattr(args, k) if getattr(args, k) is not None else model.default(k) for k in GENERATION_DEFAULTS}
-    texts = [infotext.build(plan.recorded_prompt, req.negative_prompt, {
-        "Steps": used["steps"], "Sampler": infotext.A1111_NAMES[used["sampler"]],
-        "Schedule type": "Karras" if req.karras else None, "CFG scale": used["guidance"], "Seed": seed,
-        "Size": f"{im.width}x{im.height}", "Model hash": digest,
-        "Model": args.model.encode("utf-8", "backslashreplace").decode("utf-8"),
-        "Denoising strength": req.strength if kind == "img2img" else None,
-        "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if kind == "txt2img" else kind,
-        **infotext.lora_fields({n: net.hash for n, (net, _) in nets.items()}, plan.files),
-    }) for im, seed in zip(out, seeds)]
-    _save(out, paths, texts)
-
-
-def _generate(model, kind: str, args, req, prompt: str, source, mask, limits):
-    from .pipeline import GENERATION_DEFAULTS
-
-    common = dict(negative_prompt=req.negative_prompt, width=args.width, height=args.height, seed=req.seed,
-                  batch_size=req.batch_size, karras=req.karras, clip_skip=req.clip_skip, progress=True,
-                  limits=limits, **{k: getattr(args, k) for k in GENERATION_DEFAULTS})
-    if kind == "txt2img":
-        return model.txt2img(prompt, **common)
-    if kind == "img2img":
-        return model.img2img(source, prompt, strength=req.strength, **common)
-    if kind == "outpaint":
-        left, top, right, bottom = args.pad
-        return model.outpaint(source, prompt, left=left, top=top, right=right, bottom=bottom, **common)
-    return model.inpaint(source, mask, prompt, **common)
+        req = generation.resolve(plan.prompt, model, size, image_name=name, limits=limits, **options)
+        source_t = None if source is None else images.to_tensor(source)
+        mask_t = None if mask is None else images.mask_to_tensor(mask)
+        with generation.ProgressBar() as bar:
+            result = generation.generate(model, req, source_t, mask_t, callback=bar, limits=limits, origin=origin)
+    _save(result, paths)
 
 
 def replay(args) -> None:
     """Read an image's parameters and make the text-to-image run again."""
-    from .generation import Limits
-    from .images import read_text_chunk
-    from .pipeline import builtin_path
+    from ..generation import Limits
+    from ..images import read_text_chunk
+    from ..pipeline import builtin_path
 
     image = shown(args.image)
     Limits.from_env()  # a malformed limit is reported before the image is read
@@ -296,7 +260,7 @@ def replay(args) -> None:
 
 
 def samplers(args) -> None:
-    from .sampling import SAMPLERS
+    from ..sampling import SAMPLERS
 
     for name, fn in SAMPLERS.items():
         summary = (fn.__doc__ or "").strip().splitlines()[0]
@@ -304,7 +268,7 @@ def samplers(args) -> None:
 
 
 def add_commands(sub) -> None:
-    from .generation import ENV_HELP
+    from ..generation import ENV_HELP
 
     p = sub.add_parser("generate", help="text to image", epilog=ENV_HELP)
     p.add_argument("prompt", help="what the image shows")

@@ -1,5 +1,5 @@
 """Grading a model on the shapes world: generate an image for each of a seeded set of captions from the
-grammar, read it back with the analyser (`sdtorch.data.analyse`, no neural network) and count what came
+grammar, read it back with the analyser (`sdtorch.evaluation.analyse`, no neural network) and count what came
 out right, per split:
 
 - seen: one object, colour-shape pairs that appear in training;
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.analyse import analyse, match
-from .data.shapes import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SIZES, Obj, Scene, allowed, random_scene, render,
+from ..data.shapes import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, SIZES, Obj, Scene, allowed, random_scene, render,
                           with_color_scene)
-from .fileio import atomic_folder, check_folder_destination
+from ..fileio import atomic_folder, check_folder_destination
+from .analyse import analyse, match
 
 SPLITS = ("seen", "heldout", "two")  # always in a report
 ASKED_SPLITS = ("teal",)  # in a report only where asked for
@@ -51,8 +51,8 @@ def check_shapes_eval(*, sampler: str | None = None, steps: int | None = None, g
     """The grading settings, checked before the model loads: integer counts of 0 or more, not all 0, every
     prompt's seed (seed + i) in range, and a sampler, steps and guidance that a generation accepts
     (`Request.validate`; the bounds of the model's own schedule are checked when it generates)."""
-    from .errors import SDTorchError
-    from .generation import MAX_SEED, Request
+    from ..errors import SDTorchError
+    from ..generation import MAX_SEED, Request
 
     counts = {"--n-seen": n_seen, "--n-heldout": n_heldout, "--n-two": n_two, "--n-teal": n_teal}
     for name, n in counts.items():
@@ -148,8 +148,8 @@ def roundtrip(vae, scene: Scene, rng: random.Random, size: int = 64) -> dict:
     grade the result against the scene: a `match` record."""
     import torch
 
-    from .generation import decode
-    from .images import to_pil, to_tensor
+    from ..generation import decode
+    from ..images import to_pil, to_tensor
 
     p = next(vae.parameters())
     image = to_tensor(render(scene, size, rng)).to(p.device, p.dtype)

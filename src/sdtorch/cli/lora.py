@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from .errors import SDTorchError
-from .fileio import shown
+from ..errors import SDTorchError
+from ..fileio import shown
 
 
 def lora_info(args) -> None:
-    from .lora.formats import lora_info as info
+    from ..lora.formats import lora_info as info
 
     found = info(args.file)
     if args.json:
@@ -38,8 +38,8 @@ def _counts(d: dict) -> str:
 
 
 def convert_lora(args) -> None:
-    from .lora.formats import convert_lora as convert
-    from .pipeline import load
+    from ..lora.formats import convert_lora as convert
+    from ..pipeline import load
 
     if args.to not in ("kohya", "peft"):
         raise SDTorchError(f"--to {args.to!r}: write kohya or peft")
@@ -49,14 +49,14 @@ def convert_lora(args) -> None:
 
 def parse_lora_items(items: list[str]) -> list[tuple[str, float]]:
     """[(file or name, scale)] from LORA[:SCALE] arguments (the scale is split off only where it is a number)."""
-    from .lora.prompt import split_lora_flag
+    from ..lora.prompt import split_lora_flag
 
     return [split_lora_flag(text)[:2] for text in items]
 
 
 def merge_lora(args) -> None:
-    from .cli import _convert_destination, _load
-    from .lora.adapters import find_lora
+    from . import _convert_destination, _load
+    from ..lora.adapters import find_lora
 
     if not args.items[:-1]:
         raise SDTorchError("merge-lora needs MODEL, at least one LORA and OUT")
@@ -79,7 +79,7 @@ def merge_lora(args) -> None:
 
 
 def add_commands(sub) -> None:
-    from .cli import _add_load_flags
+    from . import _add_load_flags
 
     p = sub.add_parser("lora-info", help="describe a LoRA file: format, family, ranks, alphas, targets, metadata")
     p.add_argument("file", help="a LoRA .safetensors (kohya/A1111, LyCORIS or diffusers/PEFT), or a weights-only .pt")

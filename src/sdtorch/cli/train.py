@@ -64,9 +64,9 @@ def _run(cls, fn, args) -> None:
 
 
 def add_commands(sub) -> None:
-    from .training.autoencoder import VAETrainArgs
-    from .training.diffusion import TrainArgs
-    from .training.lora import LoraTrainArgs
+    from ..training.autoencoder import VAETrainArgs
+    from ..training.diffusion import TrainArgs
+    from ..training.lora import LoraTrainArgs
 
     p = sub.add_parser("train", help="train the text-conditioned UNet (and text encoder) on an image folder")
     _add_dataclass_flags(p, TrainArgs, positional=("data", "output"))

@@ -8,10 +8,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .config import PRESETS
-from .errors import SDTorchError
-from .fileio import shown
+from .. import __version__
+from ..config import PRESETS
+from ..errors import SDTorchError
+from ..fileio import shown
 
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from . import pipeline
+    from .. import pipeline
 
     if pipeline.builtin_path(args.model) is not None:
         return pipeline.load(args.model, dtype=args.dtype)
@@ -45,8 +45,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from . import checkpoints
-    from .pipeline import GENERATION_DEFAULTS, check_defaults
+    from .. import checkpoints
+    from ..pipeline import GENERATION_DEFAULTS, check_defaults
 
     dst = _convert_destination(args.output)
     defaults = {k: getattr(args, f"default_{k}") for k in GENERATION_DEFAULTS
@@ -70,7 +70,7 @@ def _describe(path: Path) -> tuple[str, str, str]:
     """(family, prediction type, size) of a diffusers folder or `.safetensors` file, read cheaply: a folder's
     JSON configs, or a file's header (tensor names, shapes, metadata) without reading any weights. An SD 2
     file that does not record its prediction type is probed only when loaded, so it shows as "at load"."""
-    from .checkpoints import detect, diffusers_folder, read_state_dict
+    from ..checkpoints import detect, diffusers_folder, read_state_dict
 
     if path.is_dir():
         c = diffusers_folder.read_config(path)
@@ -84,8 +84,8 @@ def _describe(path: Path) -> tuple[str, str, str]:
 
 def cmd_models(args) -> None:
     """One line per built-in model, then per model in the user's folder (--dir, else $SDTORCH_MODELS)."""
-    from .checkpoints.diffusers_folder import is_diffusers_folder
-    from .pipeline import BUILTIN, builtin_path
+    from ..checkpoints.diffusers_folder import is_diffusers_folder
+    from ..pipeline import BUILTIN, builtin_path
 
     rows = [("NAME", "FAMILY", "PREDICTION", "SIZE", "WHERE")]
     for name in BUILTIN:
@@ -127,8 +127,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 def _convert_destination(output: str) -> Path:
     """`convert`'s destination, checked before the model loads: NAME.safetensors (a file there is replaced)
     or a folder (an existing one is replaced whole only when it is empty or a diffusers model folder)."""
-    from .checkpoints import check_model_destination
-    from .fileio import check_file_destination
+    from ..checkpoints import check_model_destination
+    from ..fileio import check_file_destination
 
     dst = Path(output)
     suffix = dst.suffix.lower()
@@ -183,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $SDTORCH_MODELS)")
     p.set_defaults(func=cmd_models)
 
-    from . import cli_generate, cli_lora, cli_shapes, cli_train
+    from . import generate, lora, shapes, train
 
-    cli_generate.add_commands(sub)
-    cli_lora.add_commands(sub)
-    cli_train.add_commands(sub)
-    cli_shapes.add_commands(sub)
+    generate.add_commands(sub)
+    lora.add_commands(sub)
+    train.add_commands(sub)
+    shapes.add_commands(sub)
     return parser
 
 
@@ -214,7 +214,3 @@ def main(argv: list[str] | None = None) -> int:
         print("sdtorch: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEAL, Obj, Scene
+from ..data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEAL, Obj, Scene
 
 PALETTE = {**COLORS, "teal": TEAL}
 WORK_SIDE = 128  # larger images are box-filtered down to this side before reading (twice the spec's 64 px)

@@ -1,0 +1,7 @@
+"""`python -m sdtorch.cli`: the `sdtorch` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
