@@ -1,13 +1,14 @@
 """Write the built-in model's prompt vocabulary: every word its captions use, taken from the shapes
 grammar's own constants, so the file cannot drift from the grammar. Teal is left out: it is in no
-caption, and the model's autoencoder cannot draw it.
+caption (the built-in LoRA `teal` adds it, through its own vocabulary).
 
-    python scripts/shapes_vocabulary.py     # writes src/sdtorch/data/shapes-model/prompt_vocabulary.json
+    python scripts/shapes_vocabulary.py [FOLDER]   # writes FOLDER/prompt_vocabulary.json (default: the package's)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from sdtorch.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene
@@ -24,5 +25,6 @@ def shapes_vocabulary() -> list[str]:
 
 
 if __name__ == "__main__":
-    OUT.write_text(json.dumps(shapes_vocabulary()) + "\n", encoding="utf-8")
-    print(f"wrote {OUT}")
+    out = Path(sys.argv[1]) / OUT.name if len(sys.argv) > 1 else OUT
+    out.write_text(json.dumps(shapes_vocabulary()) + "\n", encoding="utf-8")
+    print(f"wrote {out}")

@@ -51,9 +51,9 @@ def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> 
 
 def add_lora_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE_OR_NAME[:SCALE]",
-                   help="apply a LoRA: a file, or a name in the LoRA folder or built in (teal); SCALE after the last "
-                   "':' if it is a number (default 1); repeatable. A prompt may also name LoRAs as A1111 does: "
-                   "<lora:NAME> or <lora:NAME:SCALE>")
+                   help="apply a LoRA: a file, or a name in the LoRA folder or among the built-in ones; SCALE "
+                   "after the last ':' if it is a number (default 1); repeatable. A prompt may also name LoRAs as "
+                   "A1111 does: <lora:NAME> or <lora:NAME:SCALE>")
     p.add_argument("--lora-dir", metavar="DIR", help="the folder where LoRA names are looked up (default: "
                    "$SDTORCH_LORAS, else ~/.local/share/sdtorch/loras)")
     p.add_argument("--lora-partial", action="store_true", help="load a LoRA that only partly matches the model, "
