@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoints, precision
+from .. import checkpoints
 from ..errors import SDTorchError
 from ..models import AutoencoderKL
 from . import checks, common, losses
 from .common import REQUIRED, option
-from .data import ImageCaptionDataset, collate
+from .data import collate
 
 
 @dataclass(kw_only=True)
@@ -117,19 +117,9 @@ def _start_logvar_at(vae: AutoencoderKL, value: float) -> None:
     vae.quant_conv.bias[L:].fill_(value)
 
 
-class VAERun:
+class VAERun(common.RunData):
     """An autoencoder training run, built once by `setup`: the data, the autoencoder and discriminator, their
     optimizers and the resumable state."""
-
-    def __init__(self, args: VAETrainArgs):
-        self.args, self.dist, self.out = args, common.init_distributed(), Path(args.output)
-        self.checkpoint = checks.resume_state(args, self.out / "checkpoints")
-        if args.bf16 and self.dist.main:  # the trainers autocast on the CPU
-            precision.check_dtype(torch.bfloat16, "cpu", "--bf16")
-        self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
-                                           random_flip=args.random_flip, seed=args.seed)
-        self.val_idx, self.train_idx = common.split(self.dataset, args.data, args.val_size, args.batch_size,
-                                                    args.seed, self.dist)
 
 
 def setup(args: VAETrainArgs) -> VAERun:

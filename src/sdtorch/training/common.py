@@ -311,6 +311,26 @@ class Checkpoint(dict):
         return got
 
 
+class RunData:
+    """What every trainer's run object starts with: its arguments, the process group, the run folder, the
+    checkpoint to resume (read before anything is made), the dataset and its validation split; and a warning
+    where --bf16 is asked for on a CPU that emulates bf16 (the trainers autocast on the CPU)."""
+
+    def __init__(self, args):
+        from .. import precision
+        from . import checks
+        from .data import ImageCaptionDataset
+
+        self.args, self.dist, self.out = args, init_distributed(), Path(args.output)
+        self.checkpoint = checks.resume_state(args, self.out / "checkpoints")
+        if args.bf16 and self.dist.main:
+            precision.check_dtype(torch.bfloat16, "cpu", "--bf16")
+        self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
+                                           random_flip=args.random_flip, seed=args.seed)
+        self.val_idx, self.train_idx = split(self.dataset, args.data, args.val_size, args.batch_size, args.seed,
+                                             self.dist)
+
+
 class TrainState:
     """A run's resumable state, written once for every trainer: the named parts (modules, optimizers,
     schedulers, EMAs; each saved as its state dict, an EMA as its shadow), the global RNG and the data

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import checkpoints, precision
+from .. import checkpoints
 from ..config import ModelConfig
 from ..errors import SDTorchError
 from ..models import CLIPTextModel, UNet
@@ -26,7 +26,7 @@ from ..sampling import denoiser_for
 from ..tokenizer import CLIPTokenizer
 from . import checks, common
 from .common import REQUIRED, option
-from .data import ImageCaptionDataset, collate, warn_missing_captions
+from .data import collate, warn_missing_captions
 
 
 @dataclass(kw_only=True)
@@ -218,21 +218,14 @@ def check_samples(args: TrainArgs, config: ModelConfig) -> None:
             raise SDTorchError(f"--sample-prompts/--sample-steps/--resolution: {e}") from None
 
 
-class Run:
+class Run(common.RunData):
     """A diffusion training run, built once by `setup` (or `training.lora.setup`): the data, the frozen
     autoencoder, the tokenizer, the trained networks and their optimizer, and the resumable state.
     `model` computes the losses (wrapped as `ddp` for torchrun and --compile); `trained` is what learns,
     is averaged and is checkpointed: `model` itself here, a LoRA network in `train-lora`."""
 
     def __init__(self, args: DiffusionArgs):
-        self.args, self.dist, self.out = args, common.init_distributed(), Path(args.output)
-        self.checkpoint = checks.resume_state(args, self.out / "checkpoints")  # read before anything is made
-        if args.bf16 and self.dist.main:  # the trainers autocast on the CPU
-            precision.check_dtype(torch.bfloat16, "cpu", "--bf16")
-        self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
-                                           random_flip=args.random_flip, seed=args.seed)
-        self.val_idx, self.train_idx = common.split(self.dataset, args.data, args.val_size, args.batch_size,
-                                                    args.seed, self.dist)
+        super().__init__(args)
         if self.dist.main:
             warn_missing_captions(self.dataset)
         self.source = self.dataset  # where samples come from: the dataset or its latent cache
