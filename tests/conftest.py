@@ -69,6 +69,22 @@ def save_reference_folder(folder, layout: str, seed: int = 0):
     return unet, vae, text
 
 
+def write_discs(folder, n: int, colours: dict, caption) -> None:
+    """`n` 32 px images of a coloured disc on the left or the right (seed 0), each with a same-name .txt:
+    caption(colour name, "left" or "right")."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    for i in range(n):
+        name, x = rng.choice(list(colours)), rng.choice([8, 24])
+        im = Image.new("RGB", (32, 32), (245, 245, 245))
+        ImageDraw.Draw(im).ellipse([x - 6, 10, x + 6, 22], fill=colours[name])
+        im.save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption(name, "left" if x == 8 else "right"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):

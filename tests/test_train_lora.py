@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_harness import assert_clean_error
-from PIL import Image, ImageDraw
+from conftest import write_discs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -39,13 +38,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     images = root / "images"
     images.mkdir()
-    rng = random.Random(0)
-    for i in range(12):
-        name, x = rng.choice(list(COLOURS)), rng.choice([8, 24])
-        im = Image.new("RGB", (32, 32), (245, 245, 245))
-        ImageDraw.Draw(im).ellipse([x - 6, 10, x + 6, 22], fill=COLOURS[name])
-        im.save(images / f"{i:02d}.png")
-        (images / f"{i:02d}.txt").write_text(f"{name} disc, {'left' if x == 8 else 'right'}")
+    write_discs(images, 12, COLOURS, lambda name, side: f"{name} disc, {side}")
     model = sdtorch.build("tiny").save_diffusers(root / "base")
     return images, model
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import write_discs
 
 import sdtorch
 from sdtorch import checkpoints
@@ -31,13 +30,7 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
 def data(tmp_path_factory):
     """24 captioned 32 px images of a coloured disc on the left or the right, and a random TINY VAE."""
     root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    for i in range(24):
-        name, x = rng.choice(list(COLOURS)), rng.choice([8, 24])
-        im = Image.new("RGB", (32, 32), (245, 245, 245))
-        ImageDraw.Draw(im).ellipse([x - 6, 10, x + 6, 22], fill=COLOURS[name])
-        im.save(root / f"{i:02d}.png")
-        (root / f"{i:02d}.txt").write_text(f"a {name} disc on the {'left' if x == 8 else 'right'}")
+    write_discs(root, 24, COLOURS, lambda name, side: f"a {name} disc on the {side}")
     vae = checkpoints.save_vae(sdtorch.build("tiny").vae, root.parent / "vae", 32)
     return root, vae
 

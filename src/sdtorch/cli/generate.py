@@ -124,7 +124,7 @@ def lora_plan(args) -> LoraPlan:
     """Find every LoRA of the prompt and the --lora flags (one line if a name or file is missing, a scale is bad,
     or a recorded hash differs), before the model loads."""
     from ..lora.adapters import find_lora, lora_hash
-    from ..lora.prompt import LoraRef, lora_tag, safe_name, split_lora_flag, split_lora_tags
+    from ..lora.prompt import LoraRef, find_flag, lora_tag, split_lora_tags
 
     folder = getattr(args, "lora_dir", None)
     known_files = getattr(args, "lora_files", None) or {}
@@ -136,19 +136,11 @@ def lora_plan(args) -> LoraPlan:
         if name in known_files:
             files[name] = known_files[name]
     for text in getattr(args, "lora", None) or []:
-        source, scale, not_number = split_lora_flag(text)
-        try:
-            path = find_lora(source, folder)
-        except SDTorchError:
-            if not_number is not None and Path(text.rpartition(":")[0]).expanduser().is_file():
-                raise SDTorchError(f"--lora {text}: scale {not_number!r} is not a number") from None
-            raise
-        by_path = Path(source).expanduser().is_file()
-        name = safe_name(path.stem if by_path else source)
-        if by_path or name != source:
-            files[name] = str(path.resolve())
-        refs.append(LoraRef(name, path, scale))
-        added.append(lora_tag(name, scale))
+        ref, needs_file = find_flag(text, folder)
+        if needs_file:
+            files[ref.name] = str(ref.source.resolve())
+        refs.append(ref)
+        added.append(lora_tag(ref.name, ref.scale))
     for name, want in (getattr(args, "lora_hashes", None) or {}).items():
         ref = next((r for r in refs if r.name == name), None)
         if ref is not None and lora_hash(ref.source) != want:

@@ -47,29 +47,21 @@ def convert_lora(args) -> None:
     print(f"wrote {shown(convert(args.input, args.output, args.to, model=model))}")
 
 
-def parse_lora_items(items: list[str]) -> list[tuple[str, float]]:
-    """[(file or name, scale)] from LORA[:SCALE] arguments (the scale is split off only where it is a number)."""
-    from ..lora.prompt import split_lora_flag
-
-    return [split_lora_flag(text)[:2] for text in items]
-
-
 def merge_lora(args) -> None:
     from . import _convert_destination, _load
-    from ..lora.adapters import find_lora
+    from ..lora.prompt import find_flag
 
     if not args.items[:-1]:
         raise SDTorchError("merge-lora needs MODEL, at least one LORA and OUT")
     *loras, output = args.items
     dst = _convert_destination(output)
-    items = parse_lora_items(loras)
-    paths = [find_lora(source, args.lora_dir) for source, _ in items]  # every file found before the model loads
+    refs = [find_flag(text, args.lora_dir)[0] for text in loras]  # every file found before the model loads
     model = _load(args)
     if model.report is None:
         raise SDTorchError(f"{args.model}: a preset has no weights to merge into; give a checkpoint")
-    for i, (path, (_, scale)) in enumerate(zip(paths, items)):
-        report = model.load_lora(path, scale, name=f"{i}:{path.stem}", partial=args.lora_partial)
-        print(f"LoRA {shown(path)}: {report.summary()}")
+    for i, ref in enumerate(refs):
+        report = model.load_lora(ref.source, ref.scale, name=f"{i}:{ref.source.stem}", partial=args.lora_partial)
+        print(f"LoRA {shown(ref.source)}: {report.summary()}")
     model.merge_lora()
     if dst.suffix.lower() == ".safetensors":
         model.save_single_file(dst, dtype=args.save_dtype)

@@ -41,15 +41,9 @@ def evaluate(args) -> None:
 
 def _lora_refs(args) -> list:
     """The --lora flags as LoRAs to apply, every file found before the model loads."""
-    from ..lora.adapters import find_lora
-    from ..lora.prompt import LoraRef, safe_name, split_lora_flag
+    from ..lora.prompt import find_flag
 
-    refs = []
-    for text in args.lora:
-        source, scale, _ = split_lora_flag(text)
-        path = find_lora(source, args.lora_dir)
-        refs.append(LoraRef(safe_name(path.stem), path, scale))
-    return refs
+    return [find_flag(text, args.lora_dir)[0] for text in args.lora]
 
 
 def _exact(splits: dict) -> dict:

@@ -73,6 +73,24 @@ def split_lora_flag(text: str) -> tuple[str, float, str | None]:
     return head, parse_scale(tail, f"--lora {text}"), None
 
 
+def find_flag(text: str, folder=None) -> tuple[LoraRef, bool]:
+    """A `--lora FILE_OR_NAME[:SCALE]` argument as the LoRA to apply, its file found now (before any model
+    loads), and whether the name alone would not find that file again (given as a path, or renamed by
+    `safe_name`). An existing file followed by ':' and a non-number is reported as a bad scale."""
+    from .adapters import find_lora
+
+    source, scale, not_number = split_lora_flag(text)
+    try:
+        path = find_lora(source, folder)
+    except SDTorchError:
+        if not_number is not None and Path(text.rpartition(":")[0]).expanduser().is_file():
+            raise SDTorchError(f"--lora {text}: scale {not_number!r} is not a number") from None
+        raise
+    by_path = Path(source).expanduser().is_file()
+    name = safe_name(path.stem if by_path else source)
+    return LoraRef(name, path, scale), by_path or name != source
+
+
 def lora_tag(name: str, scale: float) -> str:
     """`<lora:NAME:SCALE>`, the scale written so that it reads back exactly."""
     return f"<lora:{name}:{float(scale)!r}>"
