@@ -159,7 +159,7 @@ class Request:
     seed: int | None = 0  # None: a random one
     batch_size: int = 1
     karras: bool = False
-    strength: float = 1.0  # img2img: how much of the schedule to run (1 = all of it)
+    strength: float = 1.0  # img2img and inpainting: how much of the schedule to run (1 = all)
     clip_skip: int = 1
     guidance_rescale: float = 0.0
 
@@ -441,7 +441,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     denoiser = denoiser_for(_unet_fn(unet, extra), model.config)
     guided = CFGDenoiser(denoiser, req.guidance, req.guidance_rescale)
     sigmas = get_sigmas(denoiser, req.steps, req.sampler, karras=req.karras).to(device)
-    if init is not None and mask is None:  # img2img: skip the first (1 - strength) of the schedule
+    if init is not None:  # img2img and inpainting: skip the first (1 - strength) of the schedule
         run = min(int(req.steps * req.strength), req.steps)
         sigmas = sigmas[req.steps - run:]
     seed = new_seed() if req.seed is None else req.seed

@@ -50,6 +50,22 @@ def open_image(image, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -
         return _normalise(ImageOps.exif_transpose(im), mode)
 
 
+def open_bytes(data: bytes, name: str, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_image` for an image file's bytes (a server's upload), with the same checks; `name` says which one in
+    the error (e.g. "init_images[0]")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                _check_pixels(im.size, name, max_pixels)
+                im.load()
+                return _normalise(ImageOps.exif_transpose(im), mode)
+    except _BOMB as e:
+        raise SDTorchError(f"{name}: the image is too large to read ({_reason(e)})") from None
+    except _DECODE_ERRORS as e:
+        raise SDTorchError(f"{name}: unreadable image ({_reason(e)})") from None
+
+
 def read_text_chunk(image, key: str) -> str | None:
     """The PNG text chunk `key` of an image file (e.g. A1111's "parameters"), or None."""
     with _loaded(Path(image)) as im:  # text chunks after the image data are read with it
@@ -188,3 +204,56 @@ def pad_for_outpaint(image: Image.Image, left: int = 0, top: int = 0, right: int
     mask = np.full(padded.shape[:2], 255, dtype=np.uint8)
     mask[top:top + a.shape[0], left:left + a.shape[1]] = 0
     return Image.fromarray(padded), Image.fromarray(mask)
+
+
+def blur_mask(mask: Image.Image, radius_x: int, radius_y: int) -> Image.Image:
+    """A1111's mask blur: a Gaussian of standard deviation `radius_x` across and `radius_y` down (0: none), so
+    the repainted area fades into the kept one."""
+    from PIL import ImageFilter
+
+    if radius_x == radius_y:
+        return mask.filter(ImageFilter.GaussianBlur(radius_x)) if radius_x > 0 else mask
+    return mask.filter(ImageFilter.GaussianBlur((radius_x, radius_y)))
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's inpainting_fill 0 ("fill") made simple: the area to repaint starts as the mean colour of the kept
+    pixels, so none of what was there shows through (A1111 smears the surrounding colours in instead)."""
+    a = np.asarray(image, dtype=np.float32)
+    m = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    kept = (1 - m).sum()
+    mean = (a * (1 - m)).sum((0, 1)) / kept if kept > 0 else np.full(3, 127.5, dtype=np.float32)
+    return Image.fromarray((a * (1 - m) + mean * m).round().clip(0, 255).astype(np.uint8))
+
+
+def masked_box(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """A1111's "only masked" crop: the box (left, top, right, bottom) around the mask's non-black pixels, grown
+    by `padding` and then to the aspect ratio width:height, within the image; None for an empty mask."""
+    a = np.asarray(mask) > 0
+    if not a.any():
+        return None
+    rows, cols = np.nonzero(a.any(1))[0], np.nonzero(a.any(0))[0]
+    w_img, h_img = mask.size
+    left, top = max(int(cols[0]) - padding, 0), max(int(rows[0]) - padding, 0)
+    right, bottom = min(int(cols[-1]) + 1 + padding, w_img), min(int(rows[-1]) + 1 + padding, h_img)
+    want = width / height
+    bw, bh = right - left, bottom - top
+    if bw / bh < want:  # too narrow: widen around the centre, then shift back inside
+        bw = min(round(bh * want), w_img)
+    else:
+        bh = min(round(bw / want), h_img)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    left = int(min(max(round(cx - bw / 2), 0), w_img - bw))
+    top = int(min(max(round(cy - bh / 2), 0), h_img - bh))
+    return left, top, left + bw, top + bh
+
+
+def paste_masked(original: Image.Image, generated: Image.Image, mask: Image.Image,
+                 box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """The generated pixels where `mask` (original's size) is white, the original's elsewhere, blending where it
+    is grey; `generated` is resized to `box` (default: the whole image) and placed there first."""
+    left, top, right, bottom = box or (0, 0, *original.size)
+    canvas = original.convert("RGB").copy()
+    canvas.paste(generated.convert("RGB").resize((right - left, bottom - top), Image.Resampling.LANCZOS),
+                 (left, top))
+    return Image.composite(canvas, original.convert("RGB"), mask.convert("L"))

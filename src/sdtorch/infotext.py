@@ -96,7 +96,7 @@ def parameters(req, seed: int, origin: Origin, mode: str, lora_hashes: dict[str,
         "Steps": req.steps, "Sampler": A1111_NAMES[req.sampler], "Schedule type": "Karras" if req.karras else None,
         "CFG scale": req.guidance, "Seed": seed, "Size": f"{req.width}x{req.height}", "Model hash": origin.model_hash,
         "Model": origin.model.encode("utf-8", "backslashreplace").decode("utf-8"),
-        "Denoising strength": req.strength if mode == "img2img" else None,
+        "Denoising strength": req.strength if mode == "img2img" or req.strength < 1 else None,
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if mode == "txt2img" else mode,
         **lora_fields(lora_hashes, origin.lora_files),
     })

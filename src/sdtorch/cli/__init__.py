@@ -183,12 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $SDTORCH_MODELS)")
     p.set_defaults(func=cmd_models)
 
-    from . import generate, lora, shapes, train
+    from . import generate, lora, serve, shapes, train
 
     generate.add_commands(sub)
     lora.add_commands(sub)
     train.add_commands(sub)
     shapes.add_commands(sub)
+    serve.add_commands(sub)
     return parser
 
 
