@@ -60,6 +60,8 @@ def open_bytes(data: bytes, name: str, mode: str = "RGB", max_pixels: int = DEFA
                 _check_pixels(im.size, name, max_pixels)
                 im.load()
                 return _normalise(ImageOps.exif_transpose(im), mode)
+    except UnidentifiedImageError:
+        raise SDTorchError(f"{name}: not an image file (PNG, JPEG, WebP, ...)") from None
     except _BOMB as e:
         raise SDTorchError(f"{name}: the image is too large to read ({_reason(e)})") from None
     except _DECODE_ERRORS as e:

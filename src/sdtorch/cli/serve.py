@@ -52,9 +52,7 @@ def serve(args) -> None:
 
     print(f"sdtorch serve: http://{args.host}:{args.port}/ (model {service.entry.title}; API at /sdapi/v1, "
           f"schema at /docs)", file=sys.stderr, flush=True)
-    from ..server.app import BodyLimit
-
-    Server(uvicorn.Config(BodyLimit(app, config.max_body_bytes), host=args.host, port=args.port,
+    Server(uvicorn.Config(app, host=args.host, port=args.port,
                           log_level=args.log_level, lifespan="on")).run()
 
 

@@ -51,7 +51,8 @@ def _authorized(header: str | None, key: str) -> bool:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is answered 413 before it is all read."""
+    """ASGI middleware: a request body over `limit` bytes is answered 413, as soon as its Content-Length or the
+    bytes received so far say so; a body within it is read once and handed on whole."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -62,23 +63,25 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _too_large(self.limit, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(self.limit, send)
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _too_large(self.limit, send)
+            more = message.get("more_body", False)
+        body, given = b"".join(chunks), False
 
-
-class _TooLarge(Exception):
-    pass
+        async def replay():
+            nonlocal given
+            if given:
+                return await receive()
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, replay, send)
 
 
 async def _too_large(limit: int, send) -> None:
@@ -100,6 +103,7 @@ def create_app(config: ServerConfig | None = None, service: Service | None = Non
                   description="AUTOMATIC1111-compatible API of sdtorch (https://github.com/AUTOMATIC1111/"
                   "stable-diffusion-webui/wiki/API), and a web page at /.")
     app.state.service = service
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
