@@ -10,15 +10,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 MODEL=${MODEL:-$RUNS/model-v12}  # a shapes model whose autoencoder draws teal (see above)
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-1000}
+PRIOR=${PRIOR:-400}  # palette images mixed in (0: teal images alone, as the v12 trial)
 RANK=${RANK:-8}
 NATIVE_BF16=$(python -c 'from sdtorch.precision import native_bf16; print("--bf16" if native_bf16() else "")')
 BF16=${BF16-$NATIVE_BF16}  # bf16 autocast where the CPU has it natively, else fp32; BF16= for fp32
 LORA_OUT=${LORA_OUT:-$RUNS/teal.safetensors}
 mkdir -p "$RUNS"
 
-# 1. 200 images whose first object is teal: 100 with one object, 100 with a second, palette-coloured one (seed 5)
-[ -f "$RUNS/teal-train/000199.txt" ] || sdtorch make-shapes "$RUNS/teal-train" --count 200 --with-color teal --seed 5
+# 1. 200 images whose first object is teal: 100 with one object, 100 with a second, palette-coloured one (seed 5),
+#    and PRIOR palette images with no teal (seed 6), so the LoRA learns teal without unlearning the rest (prior
+#    preservation, as DreamBooth's class images: Ruiz et al. 2023, arXiv:2208.12242, sec. 3.3)
+[ -f "$RUNS/teal-only/000199.txt" ] || sdtorch make-shapes "$RUNS/teal-only" --count 200 --with-color teal --seed 5
+if [ "$PRIOR" -gt 0 ]; then
+  [ -f "$RUNS/teal-prior/$(printf %06d $((PRIOR - 1))).txt" ] || sdtorch make-shapes "$RUNS/teal-prior" --count "$PRIOR" --seed 6
+fi
+if [ ! -f "$RUNS/teal-train/.complete" ]; then
+  rm -rf "$RUNS/teal-train" && mkdir -p "$RUNS/teal-train"
+  for f in "$RUNS"/teal-only/*.png "$RUNS"/teal-only/*.txt; do cp "$f" "$RUNS/teal-train/teal-$(basename "$f")"; done
+  if [ "$PRIOR" -gt 0 ]; then
+    for f in "$RUNS"/teal-prior/*.png "$RUNS"/teal-prior/*.txt; do cp "$f" "$RUNS/teal-train/prior-$(basename "$f")"; done
+  fi
+  touch "$RUNS/teal-train/.complete"
+fi
 
 # 2. rank-8 adapters on the UNet's attention and the text encoder's self-attention, the base model frozen
 [ -f "$RUNS/teal-lora/teal.safetensors" ] || sdtorch train-lora "$RUNS/teal-train" "$RUNS/teal-lora" --model "$MODEL" \

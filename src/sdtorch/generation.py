@@ -252,7 +252,7 @@ class PerImageNoise:
 
 
 def resolve(prompt: str, model=None, image_size=None, *, image_name: str = "the image", limits: Limits | None = None,
-            stacklevel: int = 2, **options) -> Request:
+            stacklevel: int = 2, warn: bool = True, **options) -> Request:
     """The request `options` describe (Request's fields; None or left out: not given), with every default
     resolved here and only here, and validated: steps, guidance and sampler from the model's defaults (sdtorch's
     without a model); width and height from the source image's `image_size` (rounded down to a multiple of 8;
@@ -260,7 +260,8 @@ def resolve(prompt: str, model=None, image_size=None, *, image_name: str = "the 
 
     Without a model (a check before it loads), a size left to the model is checked as 8x8. With one, the checks
     that depend on it run too, and a prompt with words it was not trained on, or a size asked for other than
-    its own, warns (`stacklevel` as for warnings.warn, counted from this function)."""
+    its own, warns (`stacklevel` as for warnings.warn, counted from this function; `warn=False`: not again, for
+    a request resolved a second time)."""
     from .pipeline import GENERATION_DEFAULTS
 
     options = {k: v for k, v in options.items() if v is not None or k == "seed"}
@@ -276,7 +277,7 @@ def resolve(prompt: str, model=None, image_size=None, *, image_name: str = "the 
     options.setdefault("height", side)
     req = make_request(prompt=prompt, **options)
     req.validate(limits, None if model is None else model.config)
-    if model is not None:
+    if model is not None and warn:
         _warn(model, req, given_size, stacklevel + 1)
     return req
 

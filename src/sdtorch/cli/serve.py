@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,10 +51,16 @@ def serve(args) -> None:
             service.worker.shutdown()
             super().handle_exit(sig, frame)
 
+    # uvicorn re-raises SIGTERM after its graceful shutdown, into the handler it found: this one ends with code 0
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     print(f"sdtorch serve: http://{args.host}:{args.port}/ (model {service.entry.title}; API at /sdapi/v1, "
           f"schema at /docs)", file=sys.stderr, flush=True)
     Server(uvicorn.Config(app, host=args.host, port=args.port,
                           log_level=args.log_level, lifespan="on")).run()
+
+
+def _exit_cleanly(sig, frame) -> None:
+    raise SystemExit(0)
 
 
 def add_commands(sub) -> None:

@@ -165,10 +165,14 @@ class Worker:
             self._skip.clear()
             with self.lock:
                 self.progress = Progress(job=job, started=time.time(), job_count=1)
+            result = error = None
             try:
-                future.set_result(fn(self))
+                result = fn(self)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
-                future.set_exception(e)
-            finally:
-                with self.lock:
-                    self.progress = Progress()
+                error = e
+            with self.lock:  # idle again before the request hears, so its next /progress says so
+                self.progress = Progress()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)

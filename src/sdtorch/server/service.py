@@ -136,16 +136,16 @@ class Service:
         self._resolve(prepared)
         return prepared
 
-    def _resolve(self, p: Prepared) -> generation.Request:
+    def _resolve(self, p: Prepared, warn: bool = True) -> generation.Request:
         size = p.image_size
         if p.kind == "inpaint" and p.body.inpaint_full_res:
             size = None  # the crop is resized to the request's size, the model's by default
         return generation.resolve(p.prompt, self.model, size, image_name="init_images[0]",
-                                  limits=self.config.limits, stacklevel=3, **p.options)
+                                  limits=self.config.limits, stacklevel=3, warn=warn, **p.options)
 
     def run(self, p: Prepared, worker: Worker) -> dict:
         """The job: generate every image of `p` (on the worker's thread) and build A1111's response."""
-        req = self._resolve(p)
+        req = self._resolve(p, warn=False)  # warned when it was prepared
         seed = generation.new_seed() if req.seed is None else req.seed
         origin = infotext.Origin(model=self.entry.title, model_hash=self.model_hash, mode=p.kind,
                                  prompt=p.body.prompt)
