@@ -256,7 +256,7 @@ def test_progress_interrupt_and_skip(client):
     assert info["interrupted"] is True and len(info["all_seeds"]) == 1
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0, "idle again"
 
-    t, out = _in_thread(lambda: post(client, "/sdapi/v1/txt2img", prompt=PROMPT, steps=300, seed=5, batch_size=2))
+    t, out = _in_thread(lambda: post(client, "/sdapi/v1/txt2img", prompt=PROMPT, steps=80, seed=5, batch_size=2))
     _wait_for_steps(client, 2)
     post(client, "/sdapi/v1/skip")
     t.join(60)
