@@ -105,8 +105,8 @@ class Service:
         limits = self.config.limits
         if body.save_images and self.config.output_dir is None:
             raise SDTorchError("save_images needs the server started with --output-dir")
-        if not isinstance(body.batch_size, int) or not isinstance(body.n_iter, int) or body.n_iter < 1:
-            raise SDTorchError(f"n_iter must be a positive integer, got {body.n_iter!r}")
+        if body.n_iter < 1 or body.batch_size < 1:
+            raise SDTorchError(f"batch_size and n_iter must be at least 1, got {body.batch_size} and {body.n_iter}")
         prompt, tags = split_lora_tags(body.prompt)
         refs = [LoraRef(name, lookup(self.loras, name, "LoRA").path, scale) for name, scale in tags]
         kind, source, mask, strength = "txt2img", None, None, None
