@@ -32,6 +32,7 @@ EDGE_WEIGHT=${EDGE_WEIGHT:-1}  # the decoder fine-tune's gradient difference los
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
 MAX_LENGTH=${MAX_LENGTH:-24}  # token positions per caption (train --max-length; the longest caption is 23); empty: the tokenizer's
 TOKENIZER=${TOKENIZER:-src/sdtorch/data/shapes-model}  # the shipped model's tokenizer (its ids); or captions, or another folder
+TEXT_ENCODER=${TEXT_ENCODER:-scratch}  # scratch: trained with the UNet; or a model folder whose text encoder stays frozen
 MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes the model (the package's folder)
 
 mkdir -p "$RUNS"
@@ -57,11 +58,17 @@ fi
   --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start \
   ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
 
-# 3. the UNet and a text encoder from scratch, on cached latents, with a BPE trained on the captions
+# 3. the UNet and a text encoder from scratch, on cached latents, with the tokenizer above; or, with
+#    TEXT_ENCODER=MODEL, the UNet alone against that model's text encoder and tokenizer, frozen
+if [ "$TEXT_ENCODER" = scratch ]; then
+  TEXT=(--tokenizer "$TOKENIZER" ${MAX_LENGTH:+--max-length "$MAX_LENGTH"})
+else
+  TEXT=(--text-encoder "$TEXT_ENCODER")
+fi
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
-  --vae "$RUNS/shapes-vae/vae" --config shapes --tokenizer "$TOKENIZER" --resolution 64 --cache-latents \
+  --vae "$RUNS/shapes-vae/vae" --config shapes "${TEXT[@]}" --resolution 64 --cache-latents \
   --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 $UNET_BF16 \
-  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume-or-start ${MAX_LENGTH:+--max-length "$MAX_LENGTH"} \
+  --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume-or-start \
   --sample-prompts "a large red circle in the top left on a white background" \
   "a small blue square in the center on a black background" \
   "a large green triangle in the bottom right on a gray background"

@@ -40,10 +40,13 @@ def test_builtin_generations_follow_their_prompts():
 
 
 @needs_model
-@pytest.mark.parametrize("sampler", ["plms", "ddim", "euler", "euler_a", "dpmpp_2m"])
-def test_every_readme_sampler_at_50_steps_on_the_fp16_model(sampler):
+@pytest.mark.parametrize("sampler", ["plms", "dpmpp_2m"])
+def test_samplers_at_50_steps_on_the_fp16_model(sampler):
     """The shipped model is fp16 and its linear schedule starts at sigma = 131: when the sampler's state was
-    kept in fp16, PLMS's v -> eps conversion (sigma * x) overflowed to inf and the image came out black."""
+    kept in fp16, PLMS's v -> eps conversion (sigma * x) overflowed to inf and the image came out black. PLMS (where
+    it failed) and the default sampler run here; every sampler keeps its state in float32 by the same code
+    (`generation.generate`), and fp16 is emulated on CPUs without AVX512-FP16 (14 s a run here), so ddim, euler and
+    euler_a, which ran here too until the suite outgrew its 10 minutes, are left to tests/test_sampling.py."""
     model = sdtorch.load("shapes", dtype="fp16")  # as a GPU user would run it; the CPU default is fp32
     assert next(model.unet.parameters()).dtype == torch.float16
     prompt = CASES[0][0]
