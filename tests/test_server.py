@@ -162,6 +162,10 @@ BAD = [  # (path, body or raw bytes, status, a fragment of the detail)
     ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [bomb()]}, 422, "pixels"),
     ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [b64png(Image.new("RGB", (64, 64)))],
                            "mask": b64png(Image.new("L", (32, 32)))}, 422, "does not match"),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [b64png(Image.new("RGB", (64, 64)))],
+                           "mask": b64png(Image.new("L", (64, 64))), "mask_blur": -1}, 422, "mask_blur"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "seed": -5}, 422, "seed"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "cfg_scale": NaN}', 422, "guidance"),  # Python's JSON reads NaN
     ("/sdapi/v1/options", {"sd_model_checkpoint": "nothere"}, 422, "unknown model"),
     ("/sdapi/v1/options", {"no_such_option": 1}, 422, "unknown option"),
     ("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 99}, 422, "CLIP_stop_at_last_layers"),

@@ -27,6 +27,7 @@ from ..sampling import SAMPLERS
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler_name": "Euler a"}  # the size defaults to the model's
 SCHEDULERS = {"automatic": False, "karras": True, "uniform": False}  # A1111's scheduler name -> karras
 VERSION = "sdtorch"
+MAX_BLUR = 256  # pixels: A1111's slider stops at 64
 
 
 class Txt2ImgRequest(BaseModel):
@@ -79,12 +80,12 @@ class Img2ImgRequest(Txt2ImgRequest):
     resize_mode: int = 0
     image_cfg_scale: float | None = None
     mask: str | None = None
-    mask_blur: int | None = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
+    mask_blur: int | None = Field(default=None, ge=0, le=MAX_BLUR)
+    mask_blur_x: int = Field(default=4, ge=0, le=MAX_BLUR)
+    mask_blur_y: int = Field(default=4, ge=0, le=MAX_BLUR)
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
+    inpaint_full_res_padding: int = Field(default=0, ge=0)
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     include_init_images: bool = False
@@ -164,7 +165,7 @@ def options(body: Txt2ImgRequest, model, clip_skip: int, strength: float | None 
     return dict(
         negative_prompt=body.negative_prompt, width=body.width, height=body.height, steps=pick("steps", "steps"),
         guidance=pick("cfg_scale", "guidance"), sampler=sampler, karras=bool(karras),
-        seed=None if body.seed < 0 else body.seed, batch_size=body.batch_size * body.n_iter,
+        seed=None if body.seed == -1 else body.seed, batch_size=body.batch_size * body.n_iter,
         strength=1.0 if strength is None else strength,
         clip_skip=override.get("CLIP_stop_at_last_layers", clip_skip),
     )

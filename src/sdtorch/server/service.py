@@ -126,9 +126,9 @@ class Service:
                     from PIL import ImageOps
 
                     mask = ImageOps.invert(mask)
-                blur = body.mask_blur if body.mask_blur is not None else None
-                mask = images.blur_mask(mask, blur if blur is not None else body.mask_blur_x,
-                                        blur if blur is not None else body.mask_blur_y)
+                both = body.mask_blur is not None
+                mask = images.blur_mask(mask, body.mask_blur if both else body.mask_blur_x,
+                                        body.mask_blur if both else body.mask_blur_y)
                 kind = "inpaint"
         options = a1111.options(body, self.model, self.clip_skip, strength)
         prepared = Prepared(kind, body, prompt, refs, options, source, mask,
