@@ -121,6 +121,13 @@ def write_bytes(path, data: bytes, durable: bool = False) -> Path:
     return Path(path)
 
 
+def write_all(files: list[tuple[Path, bytes]]) -> None:
+    """Write every (path, bytes) under a temporary name, then rename them all; on any failure none is left."""
+    with contextlib.ExitStack() as stack:
+        for path, data in files:
+            stack.enter_context(atomic_file(path)).write_bytes(data)
+
+
 def write_text(path, text: str, durable: bool = False) -> Path:
     with atomic_file(path, durable) as tmp:
         tmp.write_text(text, encoding="utf-8")

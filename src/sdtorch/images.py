@@ -50,22 +50,35 @@ def open_image(image, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -
         return _normalise(ImageOps.exif_transpose(im), mode)
 
 
-def open_bytes(data: bytes, name: str, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """`open_image` for an image file's bytes (a server's upload), with the same checks; `name` says which one in
-    the error (e.g. "init_images[0]")."""
+@contextlib.contextmanager
+def _opened_bytes(data: bytes, name: str, max_pixels: int) -> Iterator[Image.Image]:
+    """An image file's bytes opened and decoded within `max_pixels`, anything wrong one SDTorchError naming `name`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 _check_pixels(im.size, name, max_pixels)
                 im.load()
-                return _normalise(ImageOps.exif_transpose(im), mode)
+                yield im
     except UnidentifiedImageError:
         raise SDTorchError(f"{name}: not an image file (PNG, JPEG, WebP, ...)") from None
     except _BOMB as e:
         raise SDTorchError(f"{name}: the image is too large to read ({_reason(e)})") from None
     except _DECODE_ERRORS as e:
         raise SDTorchError(f"{name}: unreadable image ({_reason(e)})") from None
+
+
+def open_bytes(data: bytes, name: str, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_image` for an image file's bytes (a server's upload), with the same checks; `name` says which one in
+    the error (e.g. "init_images[0]")."""
+    with _opened_bytes(data, name, max_pixels) as im:
+        return _normalise(ImageOps.exif_transpose(im), mode)
+
+
+def text_chunks(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, str]:
+    """The text chunks of an image file's bytes (a PNG's `parameters` among them), read with `open_bytes`' checks."""
+    with _opened_bytes(data, name, max_pixels) as im:
+        return {k: v for k, v in im.info.items() if isinstance(v, str)}
 
 
 def read_text_chunk(image, key: str) -> str | None:

@@ -8,7 +8,6 @@ each through a temporary file renamed into place, so a failure leaves no partial
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import string
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from .. import infotext
 from ..errors import SDTorchError
-from ..fileio import atomic_file, check_file_destination, shown
+from ..fileio import check_file_destination, shown, write_all
 from ..lora.prompt import applied_loras
 
 
@@ -103,9 +102,7 @@ def _options(args, seed: int, strength: float = 1.0) -> dict:
 
 def _save(result, paths) -> None:
     """Write every PNG under a temporary name, then rename them all; on any failure none is left."""
-    with contextlib.ExitStack() as stack:
-        for i, path in enumerate(paths):
-            stack.enter_context(atomic_file(path)).write_bytes(result.png(i))
+    write_all([(path, result.png(i)) for i, path in enumerate(paths)])
     for path in paths:
         print(f"wrote {shown(path)}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import time
 from typing import Any
@@ -215,18 +214,10 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d%H%M%S")
 
 
-def png_info(data: bytes) -> dict:
-    """POST /sdapi/v1/png-info: the `parameters` text of a PNG, its other text chunks, and the text parsed into
-    A1111's fields (Prompt, Negative prompt, Steps, ..., Size-1, Size-2)."""
-    from PIL import Image
-
-    from ..images import _DECODE_ERRORS
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            items = {k: v for k, v in im.info.items() if isinstance(v, str)}
-    except _DECODE_ERRORS:
-        raise SDTorchError("image: not a readable image") from None
+def png_info(items: dict[str, str]) -> dict:
+    """POST /sdapi/v1/png-info from an image's text chunks (`images.text_chunks`): its `parameters` text, the
+    other chunks, and the text parsed into A1111's fields (Prompt, Negative prompt, Steps, ..., Size-1, Size-2)."""
+    items = dict(items)
     text = items.pop("parameters", "")
     parsed: dict = {}
     if text:

@@ -184,7 +184,7 @@ def create_app(config: ServerConfig | None = None, service: Service | None = Non
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints() -> dict:
-        await run_in_threadpool(service.refresh)
+        await run_in_threadpool(service.refresh_models)
         return {}
 
     @app.get("/sdapi/v1/loras")
@@ -194,7 +194,7 @@ def create_app(config: ServerConfig | None = None, service: Service | None = Non
 
     @app.post("/sdapi/v1/refresh-loras")
     async def refresh_loras() -> dict:
-        await run_in_threadpool(service.refresh)
+        await run_in_threadpool(service.refresh_loras)
         return {}
 
     @app.get("/sdapi/v1/options")
@@ -227,8 +227,7 @@ def create_app(config: ServerConfig | None = None, service: Service | None = Non
     async def png_info(body: dict) -> dict:
         def read():
             data = a1111.decode_image(body.get("image"), "image")
-            images.open_bytes(data, "image", max_pixels=config.limits.max_image_pixels)  # size and bomb checks
-            return a1111.png_info(data)
+            return a1111.png_info(images.text_chunks(data, "image", config.limits.max_image_pixels))
         return await run_in_threadpool(read)
 
     @app.get("/sdtorch/v1/model")

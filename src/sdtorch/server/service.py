@@ -8,15 +8,13 @@ switch may have come between. Images run one at a time through `generation.gener
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import generation, images, infotext
 from ..errors import SDTorchError
-from ..fileio import atomic_file
+from ..fileio import write_all
 from ..lora.prompt import LoraRef, applied_loras, split_lora_tags
 from . import a1111
 from .folders import Entry, lookup, scan_loras, scan_models
@@ -50,7 +48,6 @@ class Prepared:
     options: dict
     source: object = None  # PIL image as given
     mask: object = None  # PIL L mask, blurred, inverted as asked
-    image_size: tuple[int, int] | None = None
 
 
 class Service:
@@ -61,7 +58,6 @@ class Service:
         self.clip_skip = 1
         self.entry, self.model, self.model_hash = self._load(self._startup_entry(config.model))
         self.worker = Worker(config.queue_size)
-        self._switch = threading.Lock()
 
     # -- models -----------------------------------------------------------------------------------------------
     def _startup_entry(self, model: str) -> Entry:
@@ -81,8 +77,9 @@ class Service:
         model = load(entry.title) if entry.builtin else load(str(entry.path), dtype=self.config.dtype)
         return entry, model, infotext.model_hash(entry.title if entry.builtin else entry.path)
 
-    def switch_model(self, title: str) -> None:
-        """Load the model titled `title` (from the folder's list), as a job, so it waits for the running one."""
+    def switch_model(self, title: str):
+        """Load the model titled `title` (from the folder's list) as a job, so it waits for the running one; its
+        future, or None when that model is already loaded."""
         entry = lookup(self.models, title, "model")
         if entry.title == self.entry.title:
             return
@@ -92,10 +89,12 @@ class Service:
             self.clip_skip = 1
         return self.worker.submit(job, "load model")
 
-    def refresh(self) -> None:
+    def refresh_models(self) -> None:
         self.models = scan_models(self.config.models_dir)
         if all(e.title != self.entry.title for e in self.models):
             self.models.append(self.entry)
+
+    def refresh_loras(self) -> None:
         self.loras = scan_loras(self.config.lora_dir)
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -131,13 +130,12 @@ class Service:
                                         body.mask_blur if both else body.mask_blur_y)
                 kind = "inpaint"
         options = a1111.options(body, self.model, self.clip_skip, strength)
-        prepared = Prepared(kind, body, prompt, refs, options, source, mask,
-                            None if source is None else source.size)
+        prepared = Prepared(kind, body, prompt, refs, options, source, mask)
         self._resolve(prepared)
         return prepared
 
     def _resolve(self, p: Prepared, warn: bool = True) -> generation.Request:
-        size = p.image_size
+        size = None if p.source is None else p.source.size
         if p.kind == "inpaint" and p.body.inpaint_full_res:
             size = None  # the crop is resized to the request's size, the model's by default
         return generation.resolve(p.prompt, self.model, size, image_name="init_images[0]",
@@ -162,6 +160,10 @@ class Service:
             source_t = images.to_tensor(source)
         if mask is not None:
             mask_t = images.mask_to_tensor(mask)
+        if p.kind == "inpaint":  # A1111's overlay: the kept area keeps the original's own pixels
+            size = (req.width, req.height)
+            overlay = (p.source, p.mask) if box else (p.source.resize(size, images.Image.Resampling.LANCZOS),
+                                                     p.mask.resize(size))
         pictures, seeds, texts, interrupted = [], [], [], False
         ts = a1111.timestamp()
         worker.begin(req.batch_size, req.steps, ts)
@@ -174,14 +176,12 @@ class Service:
                 one = dataclasses.replace(req, seed=seed + i, batch_size=1)
                 result = generation.generate(self.model, one, source_t, mask_t, callback=worker.step,
                                              limits=self.config.limits, origin=origin)
-                if not len(result.seeds):
+                if not result.seeds:
                     interrupted = True
                     break
                 picture = result.pil()[0]
-                if p.kind == "inpaint":  # A1111's overlay: the kept area is the original's own pixels
-                    picture = images.paste_masked(p.source, picture, p.mask, box) if box else \
-                        images.paste_masked(p.source.resize(picture.size, images.Image.Resampling.LANCZOS),
-                                            picture, p.mask.resize(picture.size))
+                if p.kind == "inpaint":
+                    picture = images.paste_masked(overlay[0], picture, overlay[1], box)
                 pictures.append(picture)
                 seeds.append(seed + i)
                 texts.append(result.parameters[0])
@@ -201,9 +201,7 @@ class Service:
         """Write the PNGs into --output-dir, each under a temporary name renamed into place (none on failure)."""
         folder = self.config.output_dir
         folder.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            for i, (data, seed) in enumerate(zip(pngs, seeds)):
-                stack.enter_context(atomic_file(folder / f"{ts}-{i:02d}-{seed}.png")).write_bytes(data)
+        write_all([(folder / f"{ts}-{i:02d}-{seed}.png", data) for i, (data, seed) in enumerate(zip(pngs, seeds))])
 
     def close(self) -> None:
         self.worker.stop(timeout=30)
