@@ -10,8 +10,12 @@ A callback sees every step (`Step`: which image, which step, the latents, a prev
 the run by returning False or raising `Interrupted`; `generate` then returns what it has.
 
 Reproducibility: image i of a batch starts from noise drawn on the CPU from its own seed (seed + i),
-and its ancestral/SDE noise comes from the same per-image generator. Images are denoised one at a
-time (each as one guided batch of two), so an image does not depend on the batch it was made in.
+and its ancestral/SDE noise comes from the same per-image generator. By default (batch mode "per-image")
+images are denoised one at a time (each as one guided batch of two), so an image does not depend on the
+batch it was made in: it is bit-identical to a run of that seed alone. Batch mode "batched" denoises the
+whole batch in one network call a step (a guided batch of 2B), as diffusers does: the same noise, so the
+same images within float rounding (the matrix products are blocked differently for another batch size,
+so they are not bit-identical), and faster where one image leaves the machine's cores idle.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ ENV_HELP = ("limits (environment variables): " + ", ".join(
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_GUIDANCE = 100.0  # A1111's UI stops at 30; this bound still refuses typos such as 750
+BATCH_MODES = ("per-image", "batched")  # see the module docstring
 
 
 def _is_int(value) -> bool:
@@ -162,6 +167,7 @@ class Request:
     strength: float = 1.0  # img2img and inpainting: how much of the schedule to run (1 = all)
     clip_skip: int = 1
     guidance_rescale: float = 0.0
+    batch_mode: str = "per-image"  # or "batched": one network call a step for the whole batch
 
     def validate(self, limits: Limits | None = None, config=None) -> None:
         """The one check of a request (CLI, Python API, server): every field's type and range, before
@@ -195,6 +201,8 @@ class Request:
                                    f"got {self.seed} with batch size {self.batch_size}")
         if not _is_int(self.clip_skip) or self.clip_skip < 1:
             raise SDTorchError(f"clip skip must be a positive integer, got {self.clip_skip!r}")
+        if not isinstance(self.batch_mode, str) or self.batch_mode not in BATCH_MODES:
+            raise SDTorchError(f"unknown batch mode {self.batch_mode!r}; choose one of {', '.join(BATCH_MODES)}")
         if config is not None:
             self._validate_for(config)
 
@@ -242,13 +250,15 @@ def new_seed() -> int:
 
 
 class PerImageNoise:
-    """Noise source for ancestral/SDE steps, drawn from the image's own CPU generator."""
+    """Noise for a batch of images ([len(generators), ...]), each image's drawn on the CPU from its own
+    generator: the initial noise, then the ancestral/SDE steps' draws. `shape` is one image's ([1, C, h, w])."""
 
-    def __init__(self, generator: torch.Generator, shape, dtype, device):
-        self.generator, self.shape, self.dtype, self.device = generator, shape, dtype, device
+    def __init__(self, generators: list[torch.Generator], shape, dtype, device):
+        self.generators, self.shape, self.dtype, self.device = generators, shape, dtype, device
 
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+        draws = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators]
+        return (draws[0] if len(draws) == 1 else torch.cat(draws)).to(self.device, self.dtype)
 
 
 def resolve(prompt: str, model=None, image_size=None, *, image_name: str = "the image", limits: Limits | None = None,
@@ -305,8 +315,10 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    """What a step callback sees: step `index` of `total` (0-based) of image `image` of `images`, the sampler's
-    state `latents` before the step and its estimate `denoised` of the clean latents at noise level `sigma`."""
+    """What a step callback sees: step `index` of `total` (0-based) of sampling pass `image` of `images`, the
+    sampler's state `latents` before the step and its estimate `denoised` of the clean latents at noise level
+    `sigma`. A pass is one image, or in batch mode "batched" the whole batch (then `images` is 1 and the
+    tensors hold every image)."""
 
     image: int
     images: int
@@ -323,8 +335,8 @@ class Step:
         return self.image * self.total + self.index + 1
 
     def preview(self) -> torch.Tensor:
-        """The current estimate decoded to an image in [0, 1], [1, 3, H, W]: a full VAE decode, so ask for it
-        only when it is shown."""
+        """The current estimate decoded to images in [0, 1], [N, 3, H, W] (N images in the pass): a full VAE
+        decode, so ask for it only when it is shown."""
         return self.decoder(self.denoised)
 
 
@@ -447,28 +459,29 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
         sigmas = sigmas[req.steps - run:]
     seed = new_seed() if req.seed is None else req.seed
     seeds = [seed + i for i in range(req.batch_size)]
+    passes = [seeds] if req.batch_mode == "batched" else [[s] for s in seeds]
     blend = latent_mask is not None and extra is None
     keep = (lambda x: latent_mask * x + (1 - latent_mask) * init) if blend else (lambda x: x)  # noqa: E731
     preview = lambda x: decode(vae, keep(x) / scale)  # noqa: E731
     images, interrupted = [], False
-    for n, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(s)
-        noise = torch.randn(latent_shape, generator=g, dtype=torch.float32).to(device, dtype)
+    for n, group in enumerate(passes):
+        draw = PerImageNoise([torch.Generator().manual_seed(s) for s in group], latent_shape, dtype, device)
+        noise = draw()
         x = noise * init_noise_sigma(sigmas, req.sampler) if init is None else init + noise * sigmas[0]
         den = InpaintBlend(guided, init, latent_mask, noise) if blend else guided
+        context = {"context": cond.expand(len(group), -1, -1), "uncond": uncond.expand(len(group), -1, -1)}
         latest = []  # the x_0 estimate of the last step taken, for an interrupted image
 
         def report(info, n=n):
             latest[:] = [info["denoised"]]
-            if callback is not None and callback(Step(n, len(seeds), info["i"], len(sigmas) - 1,
+            if callback is not None and callback(Step(n, len(passes), info["i"], len(sigmas) - 1,
                                                       float(info["sigma"]), info["x"], info["denoised"],
                                                       preview)) is False:
                 raise Interrupted
 
         if len(sigmas) > 1:
             try:
-                x = SAMPLERS[req.sampler](den, x, sigmas, extra_args={"context": cond, "uncond": uncond},
-                                          callback=report, noise=PerImageNoise(g, latent_shape, dtype, device))
+                x = SAMPLERS[req.sampler](den, x, sigmas, extra_args=context, callback=report, noise=draw)
             except Interrupted:
                 interrupted = True
                 if not latest:
@@ -476,13 +489,14 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
                 x = latest[0]
         x = keep(x)
         if not torch.isfinite(x).all():
-            raise SDTorchError(f"sampling produced NaN/inf latents (seed {s}, sampler {req.sampler}, {req.steps} "
+            which = f"seed {group[0]}" if len(group) == 1 else f"seeds {group[0]} to {group[-1]}"
+            raise SDTorchError(f"sampling produced NaN/inf latents ({which}, sampler {req.sampler}, {req.steps} "
                                f"steps, guidance {req.guidance:g}); nothing was written")
         images.append(decode(vae, x / scale))
         if interrupted:
             break
-    seeds = seeds[:len(images)]
     out = torch.cat(images) if images else torch.zeros(0, 3, req.height, req.width)
+    seeds = seeds[:len(out)]
     origin = origin or infotext.Origin(model=model.name)
     mode = origin.mode or ("txt2img" if source is None else "img2img" if mask is None else "inpaint")
     hashes = {name: net.hash for name, net in model.loras.items()}

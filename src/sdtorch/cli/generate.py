@@ -36,6 +36,10 @@ def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> 
                    help="classifier-free guidance scale, 0 to 100 (default: the model's, else 7.5)")
     p.add_argument("--seed", type=int, help="0 to 2**64 - 1; image i uses seed + i (default: random)")
     p.add_argument("--batch", "-b", type=int, default=1, help="number of images (default: 1)")
+    p.add_argument("--batch-mode", choices=["per-image", "batched"], default="per-image",
+                   help="per-image: each image denoised alone, bit-identical to a run of its seed alone; batched: "
+                   "one network call a step for the whole batch, faster, the same images within float rounding "
+                   "(default: per-image)")
     p.add_argument("--clip-skip", type=int, default=1,
                    help="take the prompt from the text encoder's N-th layer from the end, 1 (the last) to the "
                    "number of layers (default: 1)")
@@ -97,7 +101,7 @@ def _options(args, seed: int, strength: float = 1.0) -> dict:
     """The generation options the flags give (None where a flag is left to the model's default)."""
     return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
                 guidance=args.guidance, sampler=args.sampler, seed=seed, batch_size=args.batch, karras=args.karras,
-                strength=strength, clip_skip=args.clip_skip)
+                strength=strength, clip_skip=args.clip_skip, batch_mode=args.batch_mode)
 
 
 def _save(result, paths) -> None:
@@ -243,6 +247,7 @@ def replay(args) -> None:
         raise SDTorchError(f"{image}: {e}") from None
     run(argparse.Namespace(prompt=prompt, negative_prompt=negative, width=width, height=height,
                            sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras, dtype=None,
+                           batch_mode="per-image",
                            model=model_path, output=output, lora_dir=args.lora_dir, **loras, **numbers),
         "txt2img", digest)
 
