@@ -88,6 +88,23 @@ def test_bad_generation_input_leaves_no_file(model_file, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_batch_mode_tiling_dtype_and_device_flags(model_file, tmp_path):
+    code, _, err = run_cli("generate", "x", "-m", model_file, "--seed", "3", "--steps", "2", "-b", "2",
+                           "--batch-mode", "batched", "--vae-tiling", "--dtype", "fp32", "--device", "cpu",
+                           "-o", tmp_path / "b-{seed}.png")
+    assert code == 0, err
+    fields = infotext.parse(Image.open(tmp_path / "b-4.png").info["parameters"])[2]
+    assert fields["Batch mode"] == "batched" and fields["VAE tiling"] == "True"
+    code, _, err = run_cli("generate", "x", "-m", model_file, "--seed", "4", "--steps", "2", "-o", tmp_path / "s.png")
+    assert code == 0, err
+    # batched against per-image: float rounding only (tests/test_batch_mode.py), so the 8-bit pixels agree within 1
+    diff = np.abs(pixels(tmp_path / "s.png").astype(int) - pixels(tmp_path / "b-4.png").astype(int))
+    assert diff.max() <= 1
+    assert_one_line_error(["generate", "x", "-m", model_file, "--device", "gpu", "-o", tmp_path / "d.png"],
+                          "unknown device 'gpu'")
+    assert not (tmp_path / "d.png").exists()
+
+
 def test_samplers_command_lists_all():
     code, out, _ = run_cli("samplers")
     assert code == 0

@@ -135,3 +135,35 @@ def test_trainers_bf16_warns_on_the_cli(cli, tmp_path, command):
     assert not (tmp_path / "run").exists()
     code, _, err = cli(args, tmp_path, env={precision.ENV: "1"})
     assert code == 2 and "warning" not in err, err
+
+
+def test_auto_dtype_is_fp16_on_cuda_and_bf16_only_for_large_unets_on_native_cpus(monkeypatch):
+    monkeypatch.setenv(precision.ENV, "1")
+    assert precision.auto_dtype("cuda") == torch.float16
+    assert precision.auto_dtype("cpu", 860_000_000) == torch.bfloat16
+    assert precision.auto_dtype("cpu", 11_000_000) == torch.float32
+    monkeypatch.setenv(precision.ENV, "0")
+    assert precision.auto_dtype("cpu", 860_000_000) == torch.float32
+
+
+def test_load_auto_decides_from_the_unet_it_reads(monkeypatch, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    sdtorch.build("tiny").save_single_file(path)
+    monkeypatch.setenv(precision.ENV, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert next(sdtorch.load(path, dtype="auto").unet.parameters()).dtype == torch.float32  # too small
+        assert next(sdtorch.load("shapes", dtype="auto").unet.parameters()).dtype == torch.float32
+        monkeypatch.setattr(precision, "BF16_MIN_PARAMETERS", 1)  # as if the tiny UNet were SD-sized
+        model = sdtorch.load(path, dtype="auto")
+    assert {p.dtype for m in model.modules.values() for p in m.parameters()} == {torch.bfloat16}
+    assert next(sdtorch.build("tiny").to(dtype="auto").unet.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "unknown device 'gpu'; use cpu or cuda"), ("mps", "sdtorch runs on cpu or cuda"),
+    ("cuda:7", "cuda:7"),
+])
+def test_a_device_that_is_not_here_is_one_line(device, message):
+    with pytest.raises(sdtorch.SDTorchError, match=message):
+        sdtorch.load("shapes", device=device)

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import infotext, prompts
+from . import infotext, prompts, tiling
 from .errors import SDTorchError
 from .sampling import SAMPLERS, CFGDenoiser, InpaintBlend, denoiser_for, get_sigmas, init_noise_sigma
 
@@ -168,6 +168,7 @@ class Request:
     clip_skip: int = 1
     guidance_rescale: float = 0.0
     batch_mode: str = "per-image"  # or "batched": one network call a step for the whole batch
+    vae_tiling: bool = False  # encode and decode in overlapping tiles (`tiling`): less memory for large images
 
     def validate(self, limits: Limits | None = None, config=None) -> None:
         """The one check of a request (CLI, Python API, server): every field's type and range, before
@@ -201,6 +202,8 @@ class Request:
                                    f"got {self.seed} with batch size {self.batch_size}")
         if not _is_int(self.clip_skip) or self.clip_skip < 1:
             raise SDTorchError(f"clip skip must be a positive integer, got {self.clip_skip!r}")
+        if not isinstance(self.vae_tiling, bool):
+            raise SDTorchError(f"vae_tiling must be True or False, got {self.vae_tiling!r}")
         if not isinstance(self.batch_mode, str) or self.batch_mode not in BATCH_MODES:
             raise SDTorchError(f"unknown batch mode {self.batch_mode!r}; choose one of {', '.join(BATCH_MODES)}")
         if config is not None:
@@ -442,7 +445,10 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     cond, uncond = prompts.encode_pair(model.text_encoder, model.tokenizer, [req.prompt], [req.negative_prompt],
                                        clip_skip=req.clip_skip)
     vp = next(vae.parameters())
-    encode = lambda img: vae.encode(img.to(vp.device, vp.dtype)).mode().to(device, dtype) * scale  # noqa: E731
+
+    def encode(img):
+        img = img.to(vp.device, vp.dtype)
+        return (tiling.encode(vae, img) if req.vae_tiling else vae.encode(img).mode()).to(device, dtype) * scale
     init = extra = latent_mask = None
     if source is not None:
         init = encode(source)
@@ -462,7 +468,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     passes = [seeds] if req.batch_mode == "batched" else [[s] for s in seeds]
     blend = latent_mask is not None and extra is None
     keep = (lambda x: latent_mask * x + (1 - latent_mask) * init) if blend else (lambda x: x)  # noqa: E731
-    preview = lambda x: decode(vae, keep(x) / scale)  # noqa: E731
+    preview = lambda x: decode(vae, keep(x) / scale, req.vae_tiling)  # noqa: E731
     images, interrupted = [], False
     for n, group in enumerate(passes):
         draw = PerImageNoise([torch.Generator().manual_seed(s) for s in group], latent_shape, dtype, device)
@@ -492,7 +498,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
             which = f"seed {group[0]}" if len(group) == 1 else f"seeds {group[0]} to {group[-1]}"
             raise SDTorchError(f"sampling produced NaN/inf latents ({which}, sampler {req.sampler}, {req.steps} "
                                f"steps, guidance {req.guidance:g}); nothing was written")
-        images.append(decode(vae, x / scale))
+        images.append(decode(vae, x / scale, req.vae_tiling))
         if interrupted:
             break
     out = torch.cat(images) if images else torch.zeros(0, 3, req.height, req.width)
@@ -504,15 +510,16 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     return Result(out, seeds, dataclasses.replace(req, seed=seed), texts, interrupted)
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode to [0, 1]; if reduced precision overflows to NaN/inf, decode again with a float32 copy of the
-    VAE (the model's own is left as it is) and warn. An image that is still not finite raises SDTorchError (it
-    would be saved as black)."""
+def decode(vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """VAE decode to [0, 1] (`tiled`: in overlapping tiles, `tiling.decode`); if reduced precision overflows to
+    NaN/inf, decode again with a float32 copy of the VAE (the model's own is left as it is) and warn. An image
+    that is still not finite raises SDTorchError (it would be saved as black)."""
+    run = (lambda v, z: tiling.decode(v, z)) if tiled else (lambda v, z: v.decode(z))  # noqa: E731
     p = next(vae.parameters())
-    image = vae.decode(latents.to(p.device, p.dtype))
+    image = run(vae, latents.to(p.device, p.dtype))
     if not torch.isfinite(image).all() and p.dtype != torch.float32:
         warnings.warn(f"VAE decode in {p.dtype} gave NaN/inf; decoding again in float32", stacklevel=2)
-        image = copy.deepcopy(vae).float().decode(latents.float().to(p.device))
+        image = run(copy.deepcopy(vae).float(), latents.float().to(p.device))
     if not torch.isfinite(image).all():
         raise SDTorchError("the VAE decoded NaN/inf pixels from finite latents (in float32); nothing was written")
     return ((image.float() + 1) / 2).clamp(0, 1).cpu()

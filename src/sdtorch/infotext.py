@@ -99,6 +99,7 @@ def parameters(req, seed: int, origin: Origin, mode: str, lora_hashes: dict[str,
         "Denoising strength": req.strength if mode == "img2img" or req.strength < 1 else None,
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if mode == "txt2img" else mode,
         "Batch mode": req.batch_mode if req.batch_mode != "per-image" else None,
+        "VAE tiling": "True" if req.vae_tiling else None,
         **lora_fields(lora_hashes, origin.lora_files),
     })
 

@@ -53,12 +53,25 @@ class StableDiffusion:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
     def to(self, device=None, dtype=None) -> "StableDiffusion":
-        """Move every network; `dtype` is a torch dtype or fp32/bf16/fp16 (warns where the device emulates it)."""
+        """Move every network; `dtype` is a torch dtype, fp32/bf16/fp16 (warns where the device emulates it) or
+        "auto" (`precision.auto_dtype` for the device and this UNet's size)."""
+        if device is not None:
+            device = _device(device)
+        if isinstance(dtype, str) and dtype.lower() == "auto":
+            dtype = precision.auto_dtype(device or next(self.unet.parameters()).device,
+                                         self.parameter_counts()["unet"])
         dtype = _dtype(dtype)
         if dtype is not None:
             precision.check_dtype(dtype, device or next(self.unet.parameters()).device, f"{_name(dtype)} weights")
         for m in self.modules.values():
             m.to(device=device, dtype=dtype)
+        return self
+
+    def compile(self, **options) -> "StableDiffusion":
+        """Compile the UNet with torch.compile (Inductor; `options` as torch.compile takes them) for the runs that
+        follow: in place (`nn.Module.compile`), so its weights, state dict and LoRAs are the same objects. The
+        first run compiles (tens of seconds on a CPU); a new size or batch compiles again. For inference only."""
+        self.unet.compile(**options)
         return self
 
     def use_vae(self, vae: AutoencoderKL) -> "StableDiffusion":
@@ -244,6 +257,28 @@ def _dtype(dtype) -> torch.dtype | None:
     return DTYPES[str(dtype).lower()]
 
 
+def _unet_parameters(config: ModelConfig) -> int:
+    """The UNet's parameter count from its config alone (built on the meta device: nothing is allocated)."""
+    with checkpoints.on_meta():
+        return sum(p.numel() for p in UNet(config.unet).parameters())
+
+
+def _device(device) -> torch.device:
+    """A torch device from a name ("cpu", "cuda", "cuda:1") or device; None is the CPU. One that does not exist
+    here is an SDTorchError, not a failure halfway through a load."""
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise SDTorchError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SDTorchError(f"device {str(device)!r}: no CUDA GPU is visible to PyTorch here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SDTorchError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise SDTorchError(f"device {str(device)!r}: sdtorch runs on cpu or cuda")
+    return device
+
+
 def _name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
@@ -278,17 +313,22 @@ def builtin_path(name: str) -> Path | None:
 
 
 def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema=False,
-         strict=True) -> StableDiffusion:
+         strict=True, device=None) -> StableDiffusion:
     """Load a single-file checkpoint (`.safetensors`/`.ckpt`) or a diffusers folder.
 
-    dtype: None keeps the checkpoint's dtype; or fp32/bf16/fp16 (a string or torch dtype).
+    dtype: None keeps the checkpoint's dtype; or fp32/bf16/fp16 (a string or torch dtype); or "auto", the fastest
+    dtype that keeps the pictures for the device and the model (`precision.auto_dtype`: fp16 on CUDA; bf16 on a CPU
+    with native bf16 for an SD-sized UNet; else fp32, as for the built-in model on a CPU).
+    device: where the networks go ("cpu", "cuda", "cuda:1"; None: the CPU).
     prediction_type: override "epsilon"/"v_prediction" when the file does not say (see `checkpoints.detect`).
     config: a ModelConfig, preset name or diffusers folder describing the architecture of a single file.
     use_ema: take the UNet's EMA weights from an original checkpoint that has them.
     strict: False loads what matches and keeps fresh weights for the rest (the report says what).
     """
-    if dtype is not None:  # weights are read onto the CPU
-        precision.check_dtype(_dtype(dtype), "cpu", f"{_name(_dtype(dtype))} weights")
+    device = _device(device)
+    auto = isinstance(dtype, str) and dtype.lower() == "auto"
+    if dtype is not None and not auto:
+        precision.check_dtype(_dtype(dtype), device, f"{_name(_dtype(dtype))} weights")
     if str(path_or_name) in BUILTIN and not Path(path_or_name).exists():
         found = builtin_path(str(path_or_name))
         if found is None:
@@ -296,10 +336,13 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
                                "(train it with scripts/train_shapes.sh); pass a model path")
         path_or_name = found
         dtype = dtype or torch.float32  # shipped in fp16 to stay small; fp16 is slow on CPUs
+    if auto:
+        dtype = lambda cfg: precision.auto_dtype(device, _unet_parameters(cfg))  # noqa: E731
     config_, modules, tokenizer, report = checkpoints.read_checkpoint(
-        path_or_name, _dtype(dtype), prediction_type, config, use_ema, strict)
+        path_or_name, dtype if auto else _dtype(dtype), prediction_type, config, use_ema, strict)
     folder = Path(path_or_name).is_dir()
     defaults = read_defaults(path_or_name) if folder else {}
     vocabulary = read_vocabulary(path_or_name) if folder else None
-    return StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,
-                           name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary)
+    model = StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,
+                            name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary)
+    return model if device.type == "cpu" else model.to(device)

@@ -51,7 +51,8 @@ def _resolve_config(config) -> ModelConfig | None:
 def read_checkpoint(path, dtype=None, prediction_type=None, config=None, use_ema=False, strict=True):
     """Read a single file or a diffusers folder.
 
-    Returns (config, {"unet", "vae", "text_encoder"} modules, tokenizer, LoadReport).
+    Returns (config, {"unet", "vae", "text_encoder"} modules, tokenizer, LoadReport). `dtype` may be a function
+    of the model's config, called once the config is known (for a dtype that depends on the model's size).
     """
     path = Path(path)
     if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -75,6 +76,7 @@ def _read_folder(path, dtype, prediction_type, config, strict):
     report.detected = {"family": (config.family, "from the text encoder config"),
                        "prediction_type": (config.prediction_type, how),
                        "inpainting": (config.inpainting, f"UNet in_channels={config.unet.in_channels}")}
+    dtype = dtype(config) if callable(dtype) else dtype
     modules = {}
     for name in FACTORIES:
         sd = read_state_dict(diffusers_folder.weight_file(path, name))
@@ -119,6 +121,7 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
         raise CheckpointError(f"{path}: use_ema was asked for but the file has no EMA weights (model_ema.*)")
     report.detected["ema"] = ("used" if use_ema else ("present, not used" if has_ema else "absent"),
                               "model_ema.* keys")
+    dtype = dtype(config) if callable(dtype) else dtype
     modules, used = {}, set()
     for name in FACTORIES:
         sources = keymaps.original_sources(name, _keys(name, config), config)

@@ -40,10 +40,13 @@ def add_generation_flags(p: argparse.ArgumentParser, strength: bool = False) -> 
                    help="per-image: each image denoised alone, bit-identical to a run of its seed alone; batched: "
                    "one network call a step for the whole batch, faster, the same images within float rounding "
                    "(default: per-image)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="encode and decode in overlapping 512 px tiles: far less memory for large images, close to "
+                   "but not equal to an untiled decode (default: off)")
     p.add_argument("--clip-skip", type=int, default=1,
                    help="take the prompt from the text encoder's N-th layer from the end, 1 (the last) to the "
                    "number of layers (default: 1)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load in this dtype (default: the file's)")
+    add_device_flags(p)
     p.add_argument("--output", "-o", default="sdtorch-{seed}.png",
                    help="PNG path; {seed} is replaced per image (a Python format field: {seed:06d} works; write "
                    "{{ and }} for braces), else -0, -1, ... are added for a batch (default: sdtorch-{seed}.png)")
@@ -101,7 +104,8 @@ def _options(args, seed: int, strength: float = 1.0) -> dict:
     """The generation options the flags give (None where a flag is left to the model's default)."""
     return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
                 guidance=args.guidance, sampler=args.sampler, seed=seed, batch_size=args.batch, karras=args.karras,
-                strength=strength, clip_skip=args.clip_skip, batch_mode=args.batch_mode)
+                strength=strength, clip_skip=args.clip_skip, batch_mode=args.batch_mode,
+                vae_tiling=args.vae_tiling)
 
 
 def _save(result, paths) -> None:
@@ -165,7 +169,6 @@ def _check_model_path(model: str) -> None:
 def run(args, kind: str, digest: str | None = None) -> None:
     from .. import generation, images
     from ..infotext import Origin
-    from ..pipeline import load
 
     limits = generation.Limits.from_env()
     source = mask = size = None
@@ -186,7 +189,7 @@ def run(args, kind: str, digest: str | None = None) -> None:
     paths = output_paths(args.output, [req.seed + i for i in range(req.batch_size)])
     _check_model_path(args.model)
     plan = lora_plan(args)
-    model = load(args.model, dtype=args.dtype)
+    model = load_for(args, args.model)
     origin = Origin(model=args.model, model_hash=digest or infotext.model_hash(args.model), mode=kind,
                     prompt=plan.recorded_prompt, lora_files=plan.files)
     folder, partial = getattr(args, "lora_dir", None), getattr(args, "lora_partial", False)
@@ -246,11 +249,32 @@ def replay(args) -> None:
     except SDTorchError as e:
         raise SDTorchError(f"{image}: {e}") from None
     run(argparse.Namespace(prompt=prompt, negative_prompt=negative, width=width, height=height,
-                           sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras, dtype=None,
-                           batch_mode="per-image",
+                           sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras, dtype=args.dtype,
+                           device=args.device, compile=args.compile, batch_mode="per-image",
+                           vae_tiling=f.get("VAE tiling") == "True",
                            model=model_path, output=output, lora_dir=args.lora_dir, **loras, **numbers),
         "txt2img", digest)
 
+
+
+def add_device_flags(p) -> None:
+    """--dtype, --device and --compile, for every command that loads a model to generate."""
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute dtype (default: auto, the fastest that keeps the pictures: fp16 on a GPU; on a CPU, "
+                   "bf16 where it is native and the model is SD-sized, else fp32, as for the built-in model)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with torch.compile first (the first image waits tens of seconds; pays "
+                   "for long runs: see the README's performance table; default: off)")
+
+
+def load_for(args, model_path):
+    """The model `args` ask for: --dtype, --device (default: the GPU where there is one) and --compile."""
+    from ..pipeline import load
+    from ..precision import default_device
+
+    model = load(model_path, dtype=args.dtype, device=args.device or default_device())
+    return model.compile() if args.compile else model
 
 
 def samplers(args) -> None:
@@ -299,6 +323,7 @@ def add_commands(sub) -> None:
     p.add_argument("--output", "-o", help="PNG path (default: IMAGE-replay.png beside the image)")
     p.add_argument("--lora-dir", metavar="DIR", help="where the LoRAs named in the prompt are looked up (default: "
                    "$SDTORCH_LORAS, else ~/.local/share/sdtorch/loras); each must have its recorded hash")
+    add_device_flags(p)
     p.set_defaults(func=replay)
 
     p = sub.add_parser("samplers", help="list the samplers")

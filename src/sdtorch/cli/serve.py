@@ -28,6 +28,7 @@ def serve(args) -> None:
     from ..generation import Limits
     from ..lora.adapters import lora_dir
     from ..server import ServerConfig, Service, create_app
+    from ..precision import default_device
 
     limits = Limits.from_env()
     changes = {k: getattr(args, k) for k in ("max_pixels", "max_steps", "max_batch") if getattr(args, k) is not None}
@@ -39,7 +40,8 @@ def serve(args) -> None:
     output = Path(args.output_dir).expanduser() if args.output_dir else None
     config = ServerConfig(model=args.model, models_dir=_folder(args.models_dir, "--models-dir"), lora_dir=loras,
                           output_dir=output, queue_size=args.queue_size, api_key=key, limits=limits,
-                          max_body_bytes=args.max_body_mb << 20, dtype=args.dtype)
+                          max_body_bytes=args.max_body_mb << 20, dtype=args.dtype,
+                          device=args.device or default_device())
     if args.host not in LOOPBACK and not key:
         print(f"sdtorch: warning: serving on {args.host} without --api-key: anyone who can reach this machine can "
               "use it", file=sys.stderr)
@@ -88,8 +90,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-batch", type=int, help="the most images per request, batch_size x n_iter (default: "
                    "$SDTORCH_MAX_BATCH)")
     p.add_argument("--max-body-mb", type=int, default=64, help="the largest request body in MiB (default: 64)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load models in this dtype (default: the "
-                   "file's; the built-in model in fp32)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute dtype (default: auto, as for `sdtorch generate`)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: warning)")
     p.set_defaults(func=serve)

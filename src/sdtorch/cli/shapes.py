@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..lora.prompt import applied_loras
+from .generate import add_device_flags
 
 
 def make_shapes(args) -> None:
@@ -19,7 +20,7 @@ def make_shapes(args) -> None:
 
 def evaluate(args) -> None:
     from ..evaluation import check_output_folder, check_shapes_eval, evaluate_shapes
-    from ..pipeline import load
+    from .generate import load_for
 
     out = Path(args.output)
     check_shapes_eval(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -27,7 +28,7 @@ def evaluate(args) -> None:
                       n_teal=args.n_teal)
     check_output_folder(out)  # both before the model loads; the folder itself is written at the end
     refs = _lora_refs(args)
-    model = load(args.model)
+    model = load_for(args, args.model)
     with applied_loras(model, refs, args.lora_dir) as nets:
         for name, (_, match) in nets.items():
             print(f"LoRA {name}: {match.summary()}", file=sys.stderr)
@@ -71,6 +72,7 @@ def add_commands(sub) -> None:
     kinds = p.add_subparsers(dest="kind", required=True)
     e = kinds.add_parser("shapes", help="generate shapes-world prompts and read the images back")
     e.add_argument("--model", "-m", default="shapes", help="the model to grade (default: the built-in shapes)")
+    add_device_flags(e)
     e.add_argument("--sampler", help="see `sdtorch samplers` (default: the model's, else dpmpp_2m)")
     e.add_argument("--steps", type=int, help="sampler steps per image (default: the model's, else 20)")
     e.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, else 7.5)")

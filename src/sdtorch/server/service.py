@@ -34,7 +34,8 @@ class ServerConfig:
     api_key: str | None = None
     limits: generation.Limits = field(default_factory=generation.Limits)
     max_body_bytes: int = 64 << 20
-    dtype: str | None = None
+    dtype: str | None = "auto"  # as `sdtorch.load` takes it; None: the file's
+    device: str | None = None  # None: the CPU
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Service:
     def _load(self, entry: Entry):
         from ..pipeline import load
 
-        model = load(entry.title) if entry.builtin else load(str(entry.path), dtype=self.config.dtype)
+        model = load(entry.title if entry.builtin else str(entry.path), dtype=self.config.dtype,
+                     device=self.config.device)
         return entry, model, infotext.model_hash(entry.title if entry.builtin else entry.path)
 
     def switch_model(self, title: str):
