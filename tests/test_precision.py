@@ -167,3 +167,15 @@ def test_load_auto_decides_from_the_unet_it_reads(monkeypatch, tmp_path):
 def test_a_device_that_is_not_here_is_one_line(device, message):
     with pytest.raises(sdtorch.SDTorchError, match=message):
         sdtorch.load("shapes", device=device)
+
+
+def test_the_parameters_record_a_reduced_precision_for_replay(monkeypatch):
+    from sdtorch import generation, infotext
+
+    monkeypatch.setenv(precision.ENV, "1")
+    model = sdtorch.build("tiny")
+    fields = infotext.parse(generation.generate(model, generation.resolve("x", model, steps=1)).parameters[0])[2]
+    assert "Precision" not in fields
+    model.to(dtype="bf16")
+    fields = infotext.parse(generation.generate(model, generation.resolve("x", model, steps=1)).parameters[0])[2]
+    assert fields["Precision"] == "bf16"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .errors import SDTorchError
 
 ACTIVATIONS = ("quick_gelu", "gelu")  # the text encoder's MLP activations (models/clip.py)
+CLASS_CONDITIONING = ("context", "time")  # how a class label enters the UNet (models/unet.py)
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")  # sampling/schedules.py
 
 
@@ -69,10 +70,22 @@ class UNetConfig:
     linear_projection: bool = False  # SD2 projects in/out of the transformer with Linear, SD1 with 1x1 conv
     norm_groups: int = 32
     time_embed_mult: int = 4  # time embedding width = block_channels[0] * this
+    # Class conditioning: a learned table of num_classes + 1 rows, the last one the "null" class that
+    # classifier-free guidance contrasts against. None: no classes (a text or an unconditional UNet).
+    num_classes: int | None = None
+    # "context": the class's row (width context_dim) is a one-token context for the cross-attention, as
+    # LDM's ClassEmbedder; "time": the row (the time embedding's width) is added to the time embedding,
+    # as diffusers' num_class_embeds.
+    class_conditioning: str = "context"
+    # False: no cross-attention at all (diffusers' UNet2DModel): the attention levels and the middle block
+    # get self-attention blocks with heads of width head_dim, and the UNet takes no context.
+    cross_attention: bool = True
+    mid_attention: bool = True  # self-attention in the middle block (UNet2DModel's add_attention)
 
     def __post_init__(self):
         _positive_ints("unet", self, ("in_channels", "out_channels", "layers_per_block", "context_dim",
                                       "transformer_depth", "norm_groups", "time_embed_mult"))
+        self._check_conditioning()
         _channels("unet", self.block_channels, self.norm_groups)
         if self.block_channels[0] % 2:
             raise ConfigError("unet.block_channels", self.block_channels, "the first level's channel count must be "
@@ -87,11 +100,42 @@ class UNetConfig:
             raise ConfigError("unet.num_heads", self.num_heads, "set exactly one of unet.num_heads and unet.head_dim")
         name, value = ("num_heads", self.num_heads) if self.num_heads is not None else ("head_dim", self.head_dim)
         _positive_ints("unet", self, (name,))
-        # Attention runs at the levels that ask for it and always in the middle block (the last level's width).
-        for ch in sorted({c for c, a in zip(self.block_channels, levels) if a} | {self.block_channels[-1]}):
+        if not self.cross_attention and self.num_heads not in (None, 1):
+            raise ConfigError("unet.num_heads", self.num_heads, "a UNet without cross-attention (diffusers' "
+                              "UNet2DModel) sets its heads by their width: set unet.head_dim (or num_heads = 1)")
+        # Attention runs at the levels that ask for it and in the middle block (the last level's width).
+        mid = {self.block_channels[-1]} if self.mid_attention else set()
+        for ch in sorted({c for c, a in zip(self.block_channels, levels) if a} | mid):
             if ch % value:
                 why = f"{value} heads" if name == "num_heads" else f"heads of width {value}"
                 raise ConfigError(f"unet.{name}", value, f"{ch} attention channels do not split into {why}")
+
+    def _check_conditioning(self) -> None:
+        _flag("unet", "cross_attention", self.cross_attention)
+        _flag("unet", "mid_attention", self.mid_attention)
+        if self.num_classes is not None:
+            _positive_ints("unet", self, ("num_classes",))
+        if self.class_conditioning not in CLASS_CONDITIONING:
+            raise ConfigError("unet.class_conditioning", self.class_conditioning,
+                              f"expected one of {', '.join(CLASS_CONDITIONING)}")
+        if self.num_classes is not None and self.class_conditioning == "context" and not self.cross_attention:
+            raise ConfigError("unet.class_conditioning", "context", "feeds the class to the cross-attention, and "
+                              "unet.cross_attention is false: use 'time'")
+        if not self.mid_attention and self.cross_attention:
+            raise ConfigError("unet.mid_attention", False, "the middle block of a cross-attention UNet always "
+                              "attends; only a UNet without cross-attention (unet.cross_attention = false) drops it")
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the "null" class (the unconditional row for guidance), or None without classes."""
+        return self.num_classes
+
+    @property
+    def conditioning(self) -> str:
+        """What the UNet is conditioned on: "text", "class" or "none"."""
+        if self.num_classes is not None:
+            return "class"
+        return "text" if self.cross_attention else "none"
 
     def heads_for(self, channels: int) -> int:
         """Number of attention heads for a transformer of this width."""
@@ -141,7 +185,7 @@ class ModelConfig:
     family: str  # "sd1", "sd2" or "custom"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig | None = field(default_factory=TextConfig)  # None: no text encoder (class or unconditional UNet)
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
     pad_token: str = "<|endoftext|>"  # SD1 pads prompts with end-of-text, SD2 with "!"
     sample_size: int = 512  # default image side in pixels
@@ -153,7 +197,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, kind in (("unet", UNetConfig), ("vae", VAEConfig), ("text", TextConfig)):
-            if not isinstance(getattr(self, name), kind):
+            if not isinstance(getattr(self, name), kind) and not (name == "text" and self.text is None):
                 raise ConfigError(name, getattr(self, name), f"must be a {kind.__name__}")
         for name, allowed in (("family", ("sd1", "sd2", "custom")), ("prediction_type", ("epsilon", "v_prediction")),
                               ("beta_schedule", BETA_SCHEDULES)):
@@ -169,10 +213,16 @@ class ModelConfig:
                 raise ConfigError(name, value, "a noise-schedule beta must lie in (0, 1)")
 
     def check_parts(self) -> None:
-        """Raise ConfigError unless the three networks fit together (each one is checked on its own when
-        it is made): the UNet attends to the text encoder's width and denoises the VAE's latents."""
+        """Raise ConfigError unless the networks fit together (each one is checked on its own when it is
+        made): a text UNet attends to the text encoder's width, a class-conditional or unconditional one
+        has no text encoder, and the UNet denoises the VAE's latents."""
         u, v, t = self.unet, self.vae, self.text
-        if u.context_dim != t.width:
+        if t is None and u.conditioning == "text":
+            raise ConfigError("text", None, "a UNet with cross-attention and no classes needs a text encoder")
+        if t is not None and u.conditioning != "text":
+            kind = "class-conditional" if u.conditioning == "class" else "unconditional"
+            raise ConfigError("text", "TextConfig(...)", f"a {kind} UNet takes no text encoder: set text to None")
+        if t is not None and u.context_dim != t.width:
             raise ConfigError("unet.context_dim", u.context_dim, f"must equal the text encoder's width {t.width}")
         if u.out_channels != v.latent_channels:
             raise ConfigError("unet.out_channels", u.out_channels,

@@ -169,6 +169,7 @@ class Request:
     guidance_rescale: float = 0.0
     batch_mode: str = "per-image"  # or "batched": one network call a step for the whole batch
     vae_tiling: bool = False  # encode and decode in overlapping tiles (`tiling`): less memory for large images
+    class_label: int | None = None  # a class-conditional model's class (`resolve` maps a name to its index)
 
     def validate(self, limits: Limits | None = None, config=None) -> None:
         """The one check of a request (CLI, Python API, server): every field's type and range, before
@@ -202,6 +203,8 @@ class Request:
                                    f"got {self.seed} with batch size {self.batch_size}")
         if not _is_int(self.clip_skip) or self.clip_skip < 1:
             raise SDTorchError(f"clip skip must be a positive integer, got {self.clip_skip!r}")
+        if self.class_label is not None and (not _is_int(self.class_label) or self.class_label < 0):
+            raise SDTorchError(f"class label must be a non-negative integer index, got {self.class_label!r}")
         if not isinstance(self.vae_tiling, bool):
             raise SDTorchError(f"vae_tiling must be True or False, got {self.vae_tiling!r}")
         if not isinstance(self.batch_mode, str) or self.batch_mode not in BATCH_MODES:
@@ -210,7 +213,12 @@ class Request:
             self._validate_for(config)
 
     def _validate_for(self, config) -> None:
-        if self.clip_skip > config.text.layers:
+        kind = config.unet.conditioning
+        if kind != "text":
+            self._validate_untexted(config, kind)
+        elif self.class_label is not None:
+            raise SDTorchError("a class was given, but the model is text-conditioned: give a prompt instead")
+        elif self.clip_skip > config.text.layers:
             raise SDTorchError(f"clip skip {self.clip_skip}: the model's text encoder has only "
                                f"{config.text.layers} layers")
         most = schedule_max_steps(config.num_train_timesteps, self.sampler, self.karras)
@@ -222,6 +230,27 @@ class Request:
         if self.width % factor or self.height % factor:
             raise SDTorchError(f"width and height must be multiples of {factor} for this model's VAE, "
                                f"got {self.width}x{self.height}")
+
+    def _validate_untexted(self, config, kind: str) -> None:
+        """A class-conditional or unconditional model's request: no prompt, the class where one is needed."""
+        what = "a class-conditional" if kind == "class" else "an unconditional"
+        if self.prompt or self.negative_prompt:
+            raise SDTorchError(f"{what} model takes no prompt" + (" (ask for a class instead)" if kind == "class"
+                                                                  else ""))
+        if self.clip_skip != 1:
+            raise SDTorchError(f"{what} model has no text encoder, so no clip skip")
+        if kind == "none":
+            if self.class_label is not None:
+                raise SDTorchError("a class was given, but the model is unconditional")
+            if self.guidance != 1:
+                raise SDTorchError(f"an unconditional model has nothing to guide by: guidance must be 1, "
+                                   f"got {self.guidance:g}")
+        elif self.class_label is None:
+            raise SDTorchError("the model is class-conditional: ask for a class (by name or index)")
+        elif self.class_label >= config.unet.num_classes:
+            n = config.unet.num_classes
+            raise SDTorchError(f"class index {self.class_label} is out of range: the model has {n} classes "
+                               f"(0 to {n - 1})")
 
 
 def _check_real(name: str, value, low: float, high: float) -> None:
@@ -279,6 +308,10 @@ def resolve(prompt: str, model=None, image_size=None, *, image_name: str = "the 
 
     options = {k: v for k, v in options.items() if v is not None or k == "seed"}
     given_size = "width" in options or "height" in options
+    if "class_label" in options:  # a name needs the model's names: without a model it is checked after loading
+        options["class_label"] = model.class_label(options.pop("class_label")) if model is not None else None
+    if model is not None and model.config.unet.conditioning == "none":
+        options.setdefault("guidance", 1.0)  # nothing to guide by
     for key in GENERATION_DEFAULTS:
         if key not in options:
             options[key] = model.default(key) if model is not None else GENERATION_DEFAULTS[key]
@@ -392,14 +425,41 @@ class ProgressBar:
 
 def _unet_fn(unet, extra: torch.Tensor | None):
     """The network call, in the UNet's own dtype and returning float32 (the sampler's state stays in
-    float32); a 9-channel inpainting UNet also gets [mask, masked-image latents]."""
+    float32); a 9-channel inpainting UNet also gets [mask, masked-image latents]. What the samplers pass as
+    `context` is the text's hidden states, a class model's labels (long, [B]), or nothing an unconditional
+    model reads (`_conditions`)."""
     dtype = next(unet.parameters()).dtype
+    kind = unet.config.conditioning
 
     def call(x, t, context, **kwargs):
         if extra is not None:
             x = torch.cat([x, extra.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1)
+        if kind == "class":
+            return unet(x.to(dtype), t, None, class_labels=context, **kwargs).float()
+        if kind == "none":
+            return unet(x.to(dtype), t, **kwargs).float()
         return unet(x.to(dtype), t, context.to(dtype), **kwargs).float()
     return call
+
+
+def _conditions(model, req: Request, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) as the guided denoiser takes them, one row each: the prompt's and the negative prompt's
+    hidden states; a class model's label and its null class; for an unconditional model a placeholder
+    (guidance 1 runs the conditional pass only, and the network reads no context)."""
+    kind = model.config.unet.conditioning
+    if kind == "class":
+        labels = torch.tensor([req.class_label, model.config.unet.null_class], dtype=torch.long, device=device)
+        return labels[:1], labels[1:]
+    if kind == "none":
+        empty = torch.zeros(1, 0, device=device)
+        return empty, empty
+    return prompts.encode_pair(model.text_encoder, model.tokenizer, [req.prompt], [req.negative_prompt],
+                               clip_skip=req.clip_skip)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """One row repeated for n images (a view)."""
+    return t.expand(n, *t.shape[1:])
 
 
 def _fit(req: Request, source, mask):
@@ -442,8 +502,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     scale = model.config.vae.scaling_factor
     factor = 2 ** (len(model.config.vae.block_channels) - 1)  # 8 for SD's VAE
     latent_shape = (1, model.config.unet.out_channels, req.height // factor, req.width // factor)
-    cond, uncond = prompts.encode_pair(model.text_encoder, model.tokenizer, [req.prompt], [req.negative_prompt],
-                                       clip_skip=req.clip_skip)
+    cond, uncond = _conditions(model, req, device)
     vp = next(vae.parameters())
 
     def encode(img):
@@ -475,7 +534,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
         noise = draw()
         x = noise * init_noise_sigma(sigmas, req.sampler) if init is None else init + noise * sigmas[0]
         den = InpaintBlend(guided, init, latent_mask, noise) if blend else guided
-        context = {"context": cond.expand(len(group), -1, -1), "uncond": uncond.expand(len(group), -1, -1)}
+        context = {"context": _rows(cond, len(group)), "uncond": _rows(uncond, len(group))}
         latest = []  # the x_0 estimate of the last step taken, for an interrupted image
 
         def report(info, n=n):
@@ -506,7 +565,9 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     origin = origin or infotext.Origin(model=model.name)
     mode = origin.mode or ("txt2img" if source is None else "img2img" if mask is None else "inpaint")
     hashes = {name: net.hash for name, net in model.loras.items()}
-    texts = [infotext.parameters(req, s, origin, mode, hashes) for s in seeds]
+    label = None if req.class_label is None else model.class_name(req.class_label)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(unet.parameters()).dtype)
+    texts = [infotext.parameters(req, s, origin, mode, hashes, label, precision) for s in seeds]
     return Result(out, seeds, dataclasses.replace(req, seed=seed), texts, interrupted)
 
 

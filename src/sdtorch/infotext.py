@@ -89,9 +89,12 @@ class Origin:
     lora_files: dict = field(default_factory=dict)
 
 
-def parameters(req, seed: int, origin: Origin, mode: str, lora_hashes: dict[str, str]) -> str:
+def parameters(req, seed: int, origin: Origin, mode: str, lora_hashes: dict[str, str],
+               class_name: str | None = None, precision: str | None = None) -> str:
     """The parameters text of one image of the request `req` (a generation.Request with its defaults resolved),
-    made from `seed` by a run of `mode` (txt2img, img2img, inpaint, outpaint) with the LoRAs `lora_hashes`."""
+    made from `seed` by a run of `mode` (txt2img, img2img, inpaint, outpaint) with the LoRAs `lora_hashes`;
+    a class-conditional model's class is recorded as `class_name` (its name, or its index), and a UNet that ran
+    in reduced precision as `precision` ("bf16", "fp16"), so that `replay` runs it so again."""
     return build(req.prompt if origin.prompt is None else origin.prompt, req.negative_prompt, {
         "Steps": req.steps, "Sampler": A1111_NAMES[req.sampler], "Schedule type": "Karras" if req.karras else None,
         "CFG scale": req.guidance, "Seed": seed, "Size": f"{req.width}x{req.height}", "Model hash": origin.model_hash,
@@ -100,6 +103,8 @@ def parameters(req, seed: int, origin: Origin, mode: str, lora_hashes: dict[str,
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None, "Mode": None if mode == "txt2img" else mode,
         "Batch mode": req.batch_mode if req.batch_mode != "per-image" else None,
         "VAE tiling": "True" if req.vae_tiling else None,
+        "Class": class_name,
+        "Precision": precision,
         **lora_fields(lora_hashes, origin.lora_files),
     })
 

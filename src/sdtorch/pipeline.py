@@ -29,20 +29,26 @@ DEFAULTS_FILE = "generation_defaults.json"
 # The words a model was trained on, where its folder lists them (a JSON list of strings): a prompt with
 # other words gets a warning, since the model cannot draw what it never read (`generation.unknown_words`).
 VOCABULARY_FILE = "prompt_vocabulary.json"
+# A class-conditional model's class names, label i the i-th (a JSON list of strings), so a request may name a class.
+CLASS_NAMES_FILE = "class_names.json"
 
 
 class StableDiffusion:
     """`unet`, `vae`, `text_encoder`, `tokenizer` and `config` of one Stable Diffusion model, and the model's
     own generation `defaults` (a subset of GENERATION_DEFAULTS' keys) and prompt `vocabulary` (the words
-    it was trained on, or None where it does not say)."""
+    it was trained on, or None where it does not say). A class-conditional or unconditional model
+    (`config.unet.conditioning` "class" or "none") has no text encoder or tokenizer (None); a class model may
+    name its classes (`class_names`, label i the i-th)."""
 
-    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 config: ModelConfig, report: checkpoints.LoadReport | None = None, name: str = "",
-                 defaults: dict | None = None, vocabulary: list[str] | None = None):
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
+                 tokenizer: CLIPTokenizer | None, config: ModelConfig, report: checkpoints.LoadReport | None = None,
+                 name: str = "", defaults: dict | None = None, vocabulary: list[str] | None = None,
+                 class_names: list[str] | None = None):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.config, self.report, self.name = tokenizer, config, report, name
         self.defaults = check_defaults(defaults or {}, "defaults")
         self.vocabulary = vocabulary
+        self.class_names = check_class_names(class_names, config, "class names")
 
     def default(self, key: str):
         """The model's default for `key` (steps, guidance, sampler), else sdtorch's."""
@@ -50,7 +56,32 @@ class StableDiffusion:
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        """The networks by name; a model without a text encoder has only "unet" and "vae"."""
+        present = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {name: m for name, m in present.items() if m is not None}
+
+    def class_label(self, value) -> int:
+        """A class-conditional model's label for `value`: one of its class names, or an index (an int, or a
+        string of digits) in [0, num_classes). Anything else is an SDTorchError that says what is known."""
+        n = self.config.unet.num_classes
+        if n is None:
+            raise SDTorchError(f"the model {self.name} is not class-conditional "
+                               f"({self.config.unet.conditioning}-conditioned): it takes no class")
+        names = self.class_names or []
+        if isinstance(value, str) and value in names:
+            return names.index(value)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 0 <= value < n:
+                return value
+            raise SDTorchError(f"class index {value} is out of range: the model has {n} classes (0 to {n - 1})")
+        known = f"its classes are {', '.join(names)}" if names else f"it names no classes; give an index 0 to {n - 1}"
+        raise SDTorchError(f"unknown class {value!r}: {known}")
+
+    def class_name(self, label: int) -> str:
+        """How the PNG parameters and the CLI show label `label`: its name, or the index."""
+        return self.class_names[label] if self.class_names else str(label)
 
     def to(self, device=None, dtype=None) -> "StableDiffusion":
         """Move every network; `dtype` is a torch dtype, fp32/bf16/fp16 (warns where the device emulates it) or
@@ -118,6 +149,8 @@ class StableDiffusion:
         extra = {DEFAULTS_FILE: json.dumps(self.defaults, indent=2) + "\n"} if self.defaults else {}
         if self.vocabulary is not None:
             extra[VOCABULARY_FILE] = json.dumps(self.vocabulary) + "\n"
+        if self.class_names is not None:
+            extra[CLASS_NAMES_FILE] = json.dumps(self.class_names) + "\n"
         return checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype), extra)
 
     def save_single_file(self, path, dtype=None) -> Path:
@@ -150,11 +183,12 @@ class StableDiffusion:
             words += [w for w in extra if isinstance(w, str) and w not in words]
         return words
 
-    def txt2img(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
+    def txt2img(self, prompt: str = "", *, negative_prompt: str = "", width: int | None = None,
                 height: int | None = None, steps: int | None = None, guidance: float | None = None,
                 sampler: str | None = None, seed: int | None = None, batch_size: int = 1, output_type: str = "pil",
                 progress: bool = False, **opts):
-        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale, and `limits` (a
+        """Images for a prompt. `opts`: karras, clip_skip, guidance_rescale, batch_mode, vae_tiling, class_label
+        (a class-conditional model's class, by name or index; its prompt stays ""), and `limits` (a
         generation.Limits; bad values raise SDTorchError). Seeds: seed, seed + 1, ...
         steps, guidance and sampler left as None take the model's defaults (`self.default`)."""
         return self._run(prompt, None, None, output_type, progress, negative_prompt=negative_prompt, width=width,
@@ -237,7 +271,24 @@ def read_defaults(folder: Path) -> dict:
 
 def read_vocabulary(folder: Path) -> list[str] | None:
     """A diffusers folder's prompt_vocabulary.json (a JSON list of words), or None where there is none."""
-    path = Path(folder) / VOCABULARY_FILE
+    return _read_words(Path(folder) / VOCABULARY_FILE)
+
+
+def check_class_names(names, config: ModelConfig, where: str) -> list[str] | None:
+    """`names` (None, or one distinct non-empty string per class of a class-conditional model) checked."""
+    if names is None:
+        return None
+    n = config.unet.num_classes
+    if n is None:
+        raise SDTorchError(f"{where}: the model is not class-conditional, so it has no class names")
+    if (not isinstance(names, list) or len(names) != n or len(set(names)) != n
+            or not all(isinstance(w, str) and w.strip() and not w.strip().isdigit() for w in names)):
+        raise SDTorchError(f"{where}: expected {n} distinct class names (non-empty, not numbers), one per class")
+    return list(names)
+
+
+def _read_words(path: Path) -> list[str] | None:
+    """A JSON list of strings from `path`, or None where there is no such file."""
     if not path.is_file():
         return None
     try:
@@ -293,9 +344,10 @@ def build(config: ModelConfig | str, seed: int = 0, device: str | None = None) -
     config.check_parts()
     torch.manual_seed(seed)
     with checkpoints.on_meta() if device == "meta" else torch.device(device or "cpu"):
-        unet, vae, text = UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)
-    tokenizer = CLIPTokenizer.bundled(config.pad_token)
-    return StableDiffusion(unet.eval(), vae.eval(), text.eval(), tokenizer, config, name=f"{name} (random init)")
+        unet, vae = UNet(config.unet), AutoencoderKL(config.vae)
+    text = CLIPTextModel(config.text).eval() if config.text is not None else None
+    tokenizer = CLIPTokenizer.bundled(config.pad_token) if config.text is not None else None
+    return StableDiffusion(unet.eval(), vae.eval(), text, tokenizer, config, name=f"{name} (random init)")
 
 
 BUILTIN = {"shapes": "shapes-model"}  # name -> folder in sdtorch/data (trained by scripts/train_shapes.sh)
@@ -343,6 +395,8 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
     folder = Path(path_or_name).is_dir()
     defaults = read_defaults(path_or_name) if folder else {}
     vocabulary = read_vocabulary(path_or_name) if folder else None
-    model = StableDiffusion(modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, config_, report,
-                            name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary)
+    names = _read_words(Path(path_or_name) / CLASS_NAMES_FILE) if folder else None
+    model = StableDiffusion(modules["unet"], modules["vae"], modules.get("text_encoder"), tokenizer, config_, report,
+                            name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary,
+                            class_names=names)
     return model if device.type == "cpu" else model.to(device)

@@ -1,7 +1,11 @@
 """Every checkpoint format sdtorch reads and writes, in one place.
 
 - Original single files (`.safetensors`, `.ckpt`): SD1 and SD2 CompVis layouts, with or without EMA.
-- diffusers folders: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+- diffusers folders: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; for
+  class-conditional and unconditional models no text encoder or tokenizer (`diffusers_folder` doc).
+
+A model without a text encoder (`ModelConfig.text` is None) reads as modules {"unet", "vae",
+"text_encoder": None} and tokenizer None, and writes without them.
 
 Reading is strict: every missing, unexpected or mis-shaped key is reported by name, and the load fails
 unless `strict=False`. See `detect` for how family, architecture and prediction type are decided.
@@ -25,11 +29,16 @@ from .io import StateDict, read_state_dict, write_safetensors  # noqa: F401 (Sta
 from .keymaps import SD1_TEXT_PREFIX, Source
 from .loader import LoadReport, check, load_component, on_meta
 
-__all__ = ["LoadReport", "load_vae", "on_meta", "read_checkpoint", "read_state_dict", "save_diffusers",
-           "save_single_file", "save_vae"]
+__all__ = ["LoadReport", "components", "load_vae", "on_meta", "read_checkpoint", "read_state_dict",
+           "save_diffusers", "save_single_file", "save_vae"]
 
 FACTORIES = {"unet": lambda c: UNet(c.unet), "vae": lambda c: AutoencoderKL(c.vae),
              "text_encoder": lambda c: CLIPTextModel(c.text)}
+
+
+def components(config: ModelConfig) -> tuple[str, ...]:
+    """The networks a model of this config has: no text encoder for a class-conditional or unconditional UNet."""
+    return tuple(name for name in FACTORIES if name != "text_encoder" or config.text is not None)
 
 
 def _keys(component: str, config: ModelConfig) -> list[str]:
@@ -51,8 +60,10 @@ def _resolve_config(config) -> ModelConfig | None:
 def read_checkpoint(path, dtype=None, prediction_type=None, config=None, use_ema=False, strict=True):
     """Read a single file or a diffusers folder.
 
-    Returns (config, {"unet", "vae", "text_encoder"} modules, tokenizer, LoadReport). `dtype` may be a function
-    of the model's config, called once the config is known (for a dtype that depends on the model's size).
+    Returns (config, {"unet", "vae", "text_encoder"} modules, tokenizer, LoadReport). A model without a text
+    encoder (config.text None: class-conditional or unconditional) gives modules["text_encoder"] = None and
+    tokenizer None. `dtype` may be a function of the model's config, called once the config is known (for a
+    dtype that depends on the model's size).
     """
     path = Path(path)
     if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -73,12 +84,14 @@ def _read_folder(path, dtype, prediction_type, config, strict):
     _check_parts(config, str(path))
     if prediction_type:
         config, how = config.replace(prediction_type=prediction_type), "set by caller"
-    report.detected = {"family": (config.family, "from the text encoder config"),
+    family_how = "from the text encoder config" if config.text else "no text encoder"
+    report.detected = {"family": (config.family, family_how),
                        "prediction_type": (config.prediction_type, how),
                        "inpainting": (config.inpainting, f"UNet in_channels={config.unet.in_channels}")}
+    _detect_conditioning(report, config, "unet/config.json")
     dtype = dtype(config) if callable(dtype) else dtype
-    modules = {}
-    for name in FACTORIES:
+    modules = dict.fromkeys(FACTORIES)  # a text encoder stays None where the model has none
+    for name in components(config):
         sd = read_state_dict(diffusers_folder.weight_file(path, name))
         hf_text = name == "text_encoder" and "text_model.embeddings.token_embedding.weight" in sd
         prefix = "text_model." if hf_text else ""
@@ -89,6 +102,8 @@ def _read_folder(path, dtype, prediction_type, config, strict):
         report.unexpected += [f"{name}/{k}" for k in sd if k not in used and not k.endswith("position_ids")]
     check(report, strict)
     tok_dir = path / "tokenizer"
+    if config.text is None:
+        return config, modules, None, report
     if tok_dir.is_dir():
         tokenizer = CLIPTokenizer.from_folder(tok_dir)
         check_tokenizer(tokenizer, config, f"{tok_dir}: the tokenizer")
@@ -102,7 +117,8 @@ def _read_folder(path, dtype, prediction_type, config, strict):
 def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     sd = read_state_dict(path)
     report = LoadReport(str(path), "original")
-    family = detect.detect_family(sd)
+    # without text encoder keys (class-conditional, unconditional) the family is the config's
+    family = config.family if config is not None and config.text is None else detect.detect_family(sd)
     meta_config = detect.config_from_metadata(sd.metadata, str(path))
     if config is not None:
         how = "set by caller"
@@ -111,10 +127,11 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     else:
         config, how = detect.infer_config(sd, family), "inferred from tensor shapes and the family's head rule"
     _check_parts(config, f"{path}: {how}")
-    report.detected["family"] = (family, "text encoder keys")
+    report.detected["family"] = (family, "text encoder keys" if config.text else "the config (no text encoder)")
     report.detected["architecture"] = (f"UNet {config.unet.block_channels} x{config.unet.layers_per_block}, "
                                        f"context {config.unet.context_dim}", how)
     report.detected["inpainting"] = (config.inpainting, f"UNet in_channels={config.unet.in_channels}")
+    _detect_conditioning(report, config, how)
 
     has_ema = any(k.startswith(keymaps.EMA_PREFIX + "diffusion_model") for k in sd)
     if use_ema and not has_ema:
@@ -122,14 +139,15 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     report.detected["ema"] = ("used" if use_ema else ("present, not used" if has_ema else "absent"),
                               "model_ema.* keys")
     dtype = dtype(config) if callable(dtype) else dtype
-    modules, used = {}, set()
-    for name in FACTORIES:
+    modules, used = dict.fromkeys(FACTORIES), set()
+    for name in components(config):
         sources = keymaps.original_sources(name, _keys(name, config), config)
         if (name == "text_encoder" and family == "sd1"
                 and f"{SD1_TEXT_PREFIX}embeddings.token_embedding.weight" not in sd):
             sources = {k: Source("cond_stage_model.transformer." + k) for k in sources}  # pre-4.x transformers
         if name == "unet" and use_ema:
-            sources = {k: Source(keymaps.ema_name(s.key), s.transform) for k, s in sources.items()}
+            sources = {k: Source(keymaps.ema_name(s.key), s.transform) if s.key.startswith(keymaps.UNET_PREFIX)
+                       else s for k, s in sources.items()}  # LDM's EMA holds the diffusion model only
         modules[name], comp = load_component(name, lambda: FACTORIES[name](config), sources, sd, dtype, strict)
         report.components.append(comp)
         used |= {s.key for s in sources.values()}
@@ -143,6 +161,8 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     pred, phow = prediction_type, "set by caller"
     if pred is None:
         pred, phow = detect.prediction_from_metadata(sd.metadata), "the file's metadata"
+    if pred is None and config.text is None:
+        pred, phow = config.prediction_type, "the config"
     if pred is None and family == "sd1":
         pred, phow = "epsilon", "rule: SD1 checkpoints predict noise"
     if pred is None:
@@ -151,6 +171,8 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
         phow = "rule: SD2 UNet probe at t=999 (override with prediction_type)"
     config = config.replace(prediction_type=pred)
     report.detected["prediction_type"] = (pred, phow)
+    if config.text is None:
+        return config, modules, None, report
     tokenizer = CLIPTokenizer.from_metadata(sd.metadata, str(path))
     if tokenizer is None:
         tokenizer = CLIPTokenizer.bundled(config.pad_token)
@@ -160,6 +182,16 @@ def _read_single(path, dtype, prediction_type, config, use_ema, strict):
     else:
         check_tokenizer(tokenizer, config, f"{path}: its tokenizer")
     return config, modules, tokenizer, report
+
+
+def _detect_conditioning(report: LoadReport, config: ModelConfig, how: str) -> None:
+    """Report what a class-conditional or unconditional UNet is conditioned on (text models stay unreported)."""
+    u = config.unet
+    if u.conditioning == "class":
+        report.detected["conditioning"] = (f"{u.num_classes} classes ({u.class_conditioning} mode), null class "
+                                           f"{u.null_class}", how)
+    elif u.conditioning == "none":
+        report.detected["conditioning"] = ("none (no cross-attention)", how)
 
 
 def _check_parts(config: ModelConfig, where: str) -> None:
@@ -191,13 +223,14 @@ def save_single_file(modules: dict, config: ModelConfig, path, dtype=None,
                      tokenizer: CLIPTokenizer | None = None) -> Path:
     """Write one `.safetensors` in the original CompVis layout (what AUTOMATIC1111 and ComfyUI load).
     A tokenizer other than the bundled CLIP one is stored in the metadata (`CLIPTokenizer.to_metadata`).
+    A model without a text encoder writes the UNet and VAE only (`modules["text_encoder"]` may be absent).
     The destination is checked before any tensor is converted; a file there is replaced atomically."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{shown(path)}: single files are written as .safetensors only (pickles can run code)")
     check_file_destination(path)
     out: dict[str, torch.Tensor] = {}
-    for name in FACTORIES:
+    for name in components(config):
         state = _state(modules[name], dtype)
         parts: dict[str, list] = {}
         for key, src in keymaps.original_sources(name, list(state), config).items():
@@ -233,9 +266,11 @@ def check_model_destination(folder) -> Path:
                                     what="a diffusers model folder (no model_index.json)")
 
 
-def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer, folder, dtype=None,
+def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer | None, folder, dtype=None,
                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write a diffusers folder that `diffusers.StableDiffusionPipeline.from_pretrained` opens.
+    """Write a diffusers folder that `diffusers.StableDiffusionPipeline.from_pretrained` opens (a text model),
+    `LDMPipeline.from_pretrained` (an unconditional one), or, for a class-conditional model, whose UNet, VAE
+    and scheduler diffusers' classes open one by one (`diffusers_folder` doc); `tokenizer` is None for these.
 
     The folder is built under a temporary name beside `folder` and renamed into place, so it appears
     whole or not at all. An existing `folder` is replaced as a whole, but only when it is empty or a
@@ -249,16 +284,17 @@ def save_diffusers(modules: dict, config: ModelConfig, tokenizer: CLIPTokenizer,
     folder = check_model_destination(folder)
     configs = diffusers_folder.component_configs(config)
     with atomic_folder(folder) as tmp:
-        for name in FACTORIES:
-            (tmp / name).mkdir()
+        for name, sub in diffusers_folder.subfolders(config).items():
+            (tmp / sub).mkdir()
             state = _state(modules[name], dtype)
             if name == "text_encoder":
                 state = {"text_model." + k: v for k, v in state.items()}
-            (tmp / name / "config.json").write_text(json.dumps(configs[name], indent=2))
-            write_safetensors(state, tmp / name / diffusers_folder.WEIGHT_FILES[name][0], metadata={"format": "pt"})
+            (tmp / sub / "config.json").write_text(json.dumps(configs[name], indent=2))
+            write_safetensors(state, tmp / sub / diffusers_folder.WEIGHT_FILES[name][0], metadata={"format": "pt"})
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
-        tokenizer.save(tmp / "tokenizer")
+        if config.text is not None:
+            tokenizer.save(tmp / "tokenizer")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))

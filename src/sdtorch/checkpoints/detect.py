@@ -2,7 +2,9 @@
 
 Rules, in order, for each property (each decision is reported with the rule that made it):
 - family: OpenAI CLIP text keys (`cond_stage_model.transformer.`) mean SD1, OpenCLIP keys
-  (`cond_stage_model.model.`) mean SD2. SDXL and other layouts are refused by name.
+  (`cond_stage_model.model.`) mean SD2. A file without text encoder keys (a class-conditional or
+  unconditional model) takes the family of the `sdtorch_config` in its metadata. SDXL and other layouts are
+  refused by name.
 - architecture: channel counts, levels, blocks per level, context width, linear projections and the
   input channel count (9 = inpainting) are read from tensor shapes. Head counts are not stored in
   weights: SD1 uses 8 heads, SD2 heads of width 64. A config stored in the file's metadata by sdtorch
@@ -37,6 +39,9 @@ def detect_family(sd: StateDict) -> str:
         return "sd1"
     if has_unet and any(k.startswith(SD2_TEXT_PREFIX) for k in keys):
         return "sd2"
+    meta = config_from_metadata(sd.metadata, str(sd.path)) if has_unet else None
+    if meta is not None and meta.text is None:
+        return meta.family
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
         raise CheckpointError(f"{sd.path}: unsupported or incomplete Stable Diffusion layout "
                               f"(UNet or text encoder keys missing); {SUPPORTED}")
@@ -149,13 +154,15 @@ def _fields(kind: type, value, where: str, part: str) -> dict:
 def config_from_json(d, where: str = "config") -> ModelConfig:
     """Inverse of `dataclasses.asdict` for ModelConfig (tuples come back from JSON lists). `family` and the
     unet, vae and text objects must be there; a field left out of them takes its default (files of earlier
-    versions lack later fields). Anything else malformed raises CheckpointError naming `where` and the field."""
+    versions lack later fields); text may be null (no text encoder). Anything else malformed raises
+    CheckpointError naming `where` and the field."""
     top = _fields(ModelConfig, d, where, "")
     missing = [name for name in ("family", *PARTS) if name not in top]
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {', '.join(missing)}")
     try:
-        parts = {name: kind(**_fields(kind, top[name], where, name)) for name, kind in PARTS.items()}
+        parts = {name: None if name == "text" and top[name] is None else kind(**_fields(kind, top[name], where, name))
+                 for name, kind in PARTS.items()}
         return ModelConfig(**{**top, **parts})
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None

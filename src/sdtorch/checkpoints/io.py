@@ -8,6 +8,7 @@ we register inert stand-in classes under the exact names the file asks for, afte
 
 from __future__ import annotations
 
+import json
 import pickle
 import pickletools
 import re
@@ -78,18 +79,45 @@ def read_state_dict(path: str | Path) -> StateDict:
     raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch pickle/zip file)")
 
 
+# safetensors' dtype names -> torch dtypes, for the tensors `_read_safetensors` reads itself (others: safetensors')
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 def _read_safetensors(path: Path) -> StateDict:
+    """safetensors' own reader checks the header (offsets, sizes, a truncated file); the tensors' bytes are
+    then read with plain file reads into fresh tensors, one tensor at a time. Not through a memory map: every
+    page of a mapped file that is read counts in the process's resident memory until the file is closed, so
+    loading an fp32 file into bf16 held the whole fp32 file beside the bf16 weights (5.0 GB peak for SD 1.5's
+    2.1 GB of bf16 weights; read this way, one tensor beyond the weights)."""
     try:
         f = safe_open(str(path), framework="pt")
         keys = list(f.keys())
         metadata = f.metadata()
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header, base = json.loads(fh.read(size)), 8 + size
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
     def get(key):
+        info = header.get(key, {})
         try:
-            return f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                return f.get_tensor(key)
+            begin, end = info["data_offsets"]
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            with open(path, "rb", buffering=0) as fh:
+                fh.seek(base + begin)
+                view, done = memoryview(data.numpy()), 0
+                while done < len(view):
+                    n = fh.readinto(view[done:])
+                    if not n:
+                        raise OSError(f"the file ends {len(view) - done} bytes early")
+                    done += n
+            return data.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
 
     return StateDict(path, keys, get, lambda k: f.get_slice(k).get_shape(), metadata)

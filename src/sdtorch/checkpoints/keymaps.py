@@ -19,6 +19,8 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+# A "context"-mode class table is LDM's ClassEmbedder, the cond_stage_model of its class-conditional models.
+CLASS_CONTEXT = ("class_context.", "cond_stage_model.embedding.")
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,17 @@ OPENCLIP_LAYER = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc
 
 
 def unet_table(cfg: UNetConfig) -> list[tuple]:
+    """The UNet's rows (openaimodel.py's names). A "time"-mode class table is its `label_emb`. Without
+    cross-attention the self-attention blocks keep sdtorch's (diffusers') inner names: LDM's AttentionBlock
+    fuses q, k and v per head into one conv1d, and no released LDM checkpoint of this architecture exists."""
     L, n = cfg.layers_per_block, len(cfg.block_channels)
+    mid = 2 if cfg.mid_attention else 1  # the second middle ResBlock's slot
     table = [("time_embedding.linear_1.", "time_embed.0.", None), ("time_embedding.linear_2.", "time_embed.2.", None),
+             ("class_embedding.", "label_emb.", None),
              ("conv_in.", "input_blocks.0.0.", None), ("conv_norm_out.", "out.0.", None), ("conv_out.", "out.2.", None),
              ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET),
              ("mid_block.attentions.0.", "middle_block.1.", None),
-             ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]
+             ("mid_block.resnets.1.", f"middle_block.{mid}.", UNET_RESNET)]
     for i in range(n):
         for j in range(L):
             k = 1 + i * (L + 1) + j
@@ -101,9 +108,11 @@ def _rename(key: str, table: list[tuple], prefix: str) -> Source:
 
 def original_sources(component: str, keys: list[str], config: ModelConfig) -> dict[str, Source]:
     """Map each sdtorch parameter name of `component` to where it lives in an original single file."""
+    ours, theirs = CLASS_CONTEXT
     if component == "unet":
         table, prefix = unet_table(config.unet), UNET_PREFIX
-    elif component == "vae":
+        return {k: Source(theirs + k[len(ours):]) if k.startswith(ours) else _rename(k, table, prefix) for k in keys}
+    if component == "vae":
         table, prefix = vae_table(config.vae), VAE_PREFIX
     elif config.family == "sd2":
         table, prefix = openclip_table(config.text.layers), SD2_TEXT_PREFIX

@@ -105,7 +105,7 @@ def _options(args, seed: int, strength: float = 1.0) -> dict:
     return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
                 guidance=args.guidance, sampler=args.sampler, seed=seed, batch_size=args.batch, karras=args.karras,
                 strength=strength, clip_skip=args.clip_skip, batch_mode=args.batch_mode,
-                vae_tiling=args.vae_tiling)
+                vae_tiling=args.vae_tiling, class_label=getattr(args, "class_label", None))
 
 
 def _save(result, paths) -> None:
@@ -184,12 +184,19 @@ def run(args, kind: str, digest: str | None = None) -> None:
         name = f"{name} padded by {tuple(args.pad)}"
         source, mask = images.pad_for_outpaint(source, *args.pad, max_side=limits.max_side)
     seed = generation.new_seed() if args.seed is None else args.seed
+    unconditional = getattr(args, "unconditional", False)
+    if unconditional and (args.prompt or getattr(args, "class_label", None) is not None):
+        raise SDTorchError("--unconditional takes no prompt and no --class")
     options = _options(args, seed, getattr(args, "strength", 1.0) if kind == "img2img" else 1.0)
     req = generation.resolve(args.prompt, None, size, image_name=name, limits=limits, **options)  # before loading
     paths = output_paths(args.output, [req.seed + i for i in range(req.batch_size)])
     _check_model_path(args.model)
     plan = lora_plan(args)
     model = load_for(args, args.model)
+    conditioning = model.config.unet.conditioning
+    if unconditional and conditioning != "none":
+        raise SDTorchError(f"--unconditional: the model {shown(args.model)} is {conditioning}-conditioned"
+                           + ("; give --class" if conditioning == "class" else "; give a prompt"))
     origin = Origin(model=args.model, model_hash=digest or infotext.model_hash(args.model), mode=kind,
                     prompt=plan.recorded_prompt, lora_files=plan.files)
     folder, partial = getattr(args, "lora_dir", None), getattr(args, "lora_partial", False)
@@ -249,19 +256,23 @@ def replay(args) -> None:
     except SDTorchError as e:
         raise SDTorchError(f"{image}: {e}") from None
     run(argparse.Namespace(prompt=prompt, negative_prompt=negative, width=width, height=height,
-                           sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras, dtype=args.dtype,
+                           sampler=infotext.SDTORCH_NAMES[sampler_name], batch=1, karras=karras,
+                           dtype=args.dtype or f.get("Precision", "fp32"),
                            device=args.device, compile=args.compile, batch_mode="per-image",
-                           vae_tiling=f.get("VAE tiling") == "True",
+                           vae_tiling=f.get("VAE tiling") == "True", class_label=f.get("Class"),
                            model=model_path, output=output, lora_dir=args.lora_dir, **loras, **numbers),
         "txt2img", digest)
 
 
 
-def add_device_flags(p) -> None:
-    """--dtype, --device and --compile, for every command that loads a model to generate."""
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="compute dtype (default: auto, the fastest that keeps the pictures: fp16 on a GPU; on a CPU, "
-                   "bf16 where it is native and the model is SD-sized, else fp32, as for the built-in model)")
+def add_device_flags(p, dtype_default: str | None = "auto") -> None:
+    """--dtype, --device and --compile, for every command that loads a model to generate (replay: --dtype
+    defaults to the one the image records)."""
+    default = ("auto, the fastest that keeps the pictures: fp16 on a GPU; on a CPU, bf16 where it is native and "
+               "the model is SD-sized, else fp32, as for the built-in model") if dtype_default else (
+               "the image's recorded Precision, else fp32")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=dtype_default,
+                   help=f"compute dtype (default: {default})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
     p.add_argument("--compile", action="store_true",
                    help="compile the UNet with torch.compile first (the first image waits tens of seconds; pays "
@@ -288,9 +299,14 @@ def samplers(args) -> None:
 def add_commands(sub) -> None:
     from ..generation import ENV_HELP
 
-    p = sub.add_parser("generate", help="text to image", epilog=ENV_HELP)
-    p.add_argument("prompt", help="what the image shows")
+    p = sub.add_parser("generate", help="text to image (or a class, or nothing, for such models)", epilog=ENV_HELP)
+    p.add_argument("prompt", nargs="?", default="", help="what the image shows (none for a class-conditional or "
+                   "unconditional model)")
     add_generation_flags(p)
+    p.add_argument("--class", dest="class_label", metavar="NAME_OR_INDEX",
+                   help="the class to draw, for a class-conditional model (default: none)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="the model is unconditional: no prompt, no class, guidance 1 (default: off)")
     p.set_defaults(func=lambda a: run(a, "txt2img"))
 
     p = sub.add_parser("img2img", help="image to image", epilog=ENV_HELP)
@@ -323,7 +339,7 @@ def add_commands(sub) -> None:
     p.add_argument("--output", "-o", help="PNG path (default: IMAGE-replay.png beside the image)")
     p.add_argument("--lora-dir", metavar="DIR", help="where the LoRAs named in the prompt are looked up (default: "
                    "$SDTORCH_LORAS, else ~/.local/share/sdtorch/loras); each must have its recorded hash")
-    add_device_flags(p)
+    add_device_flags(p, dtype_default=None)
     p.set_defaults(func=replay)
 
     p = sub.add_parser("samplers", help="list the samplers")

@@ -56,6 +56,22 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, T, C))
 
 
+class SelfAttention2d(Attention):
+    """Self-attention over the H*W positions of a feature map, with its own GroupNorm and a residual: the
+    autoencoder's middle block, and the attention of a UNet without cross-attention (diffusers' `Attention`
+    with `norm_num_groups` and `residual_connection`, as in AttnDownBlock2D)."""
+
+    def __init__(self, ch: int, heads: int, groups: int, eps: float):
+        super().__init__(ch, heads, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        h = super().forward(h)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
 class Downsample(nn.Module):
     """Halve the resolution with a stride-2 3x3 conv; the VAE pads right/bottom only (asymmetric)."""
 

@@ -1,8 +1,11 @@
-"""The text-conditioned UNet of latent diffusion (Rombach et al. 2022, sec. 3.3 and appendix E).
+"""The UNet of latent diffusion (Rombach et al. 2022, sec. 3.3 and appendix E).
 
 A time-embedded ResNet UNet (Ho et al. 2020) whose levels interleave spatial transformers that
-cross-attend to the text encoder's hidden states. Skip connections are an explicit stack: pushed on
-the way down, popped on the way up.
+cross-attend to a context: the text encoder's hidden states, or a class label's learned embedding as a
+one-token context (LDM's class-conditional models). A class can instead be added to the time embedding
+(diffusers' `num_class_embeds`), and without cross-attention the levels self-attend only (LDM's
+unconditional models, diffusers' `UNet2DModel`). Skip connections are an explicit stack: pushed on the
+way down, popped on the way up.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .blocks import Attention, Downsample, ResBlock, Upsample
+from .blocks import Attention, Downsample, ResBlock, SelfAttention2d, Upsample
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -130,7 +133,12 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps- or v-predicting UNet: `unet(x, timesteps, context)` -> tensor shaped like x[:, :out]."""
+    """eps- or v-predicting UNet: `unet(x, timesteps, context, class_labels)` -> tensor shaped like x[:, :out].
+
+    context: [B, T, context_dim] for a text UNet; None for a UNet without cross-attention and for a class-
+    conditional one ("context" mode builds it from the class; "time" mode with cross-attention attends to one
+    zero token unless given a context). class_labels: long [B] for a class-conditional UNet, with
+    `config.null_class` for the unconditional row of guidance."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -138,11 +146,19 @@ class UNet(nn.Module):
         ch0 = cfg.block_channels[0]
         temb = ch0 * cfg.time_embed_mult
         res = lambda i, o: ResBlock(i, o, cfg.norm_groups, 1e-5, temb)  # noqa: E731
-        attn = lambda c: SpatialTransformer(c, cfg)  # noqa: E731
+        if cfg.cross_attention:
+            attn = lambda c: SpatialTransformer(c, cfg)  # noqa: E731
+        else:
+            attn = lambda c: SelfAttention2d(c, cfg.heads_for(c), cfg.norm_groups, 1e-5)  # noqa: E731
         n = len(cfg.block_channels)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepMLP(ch0, temb)
+        if cfg.num_classes is not None:  # one row per class and the null class last
+            if cfg.class_conditioning == "time":  # added to the time embedding (diffusers' num_class_embeds)
+                self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb)
+            else:  # a one-token context for the cross-attention (LDM's ClassEmbedder)
+                self.class_context = nn.Embedding(cfg.num_classes + 1, cfg.context_dim)
 
         skip_channels, ch = [ch0], ch0
         self.down_blocks = nn.ModuleList()
@@ -158,7 +174,7 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
             self.down_blocks.append(Level(resnets, attns, down, "down"))
 
-        self.mid_block = Level([res(ch, ch), res(ch, ch)], [attn(ch)], None, "mid")
+        self.mid_block = Level([res(ch, ch), res(ch, ch)], [attn(ch)] if cfg.mid_attention else None, None, "mid")
 
         self.up_blocks = nn.ModuleList()
         for i, out in enumerate(reversed(cfg.block_channels)):
@@ -179,11 +195,38 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def _condition(self, emb: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The time embedding with the class added ("time" mode), and the context the attention reads."""
+        cfg = self.config
+        if (class_labels is None) != (cfg.num_classes is None):
+            raise ValueError("a class-conditional UNet needs class_labels" if class_labels is None
+                             else "class_labels given to a UNet without classes")
+        if cfg.num_classes is not None and cfg.class_conditioning == "time":
+            emb = emb + self.class_embedding(class_labels).to(dtype)
+        if not cfg.cross_attention:
+            if context is not None:
+                raise ValueError("context given to a UNet without cross-attention")
+            return emb, None
+        if cfg.num_classes is not None and cfg.class_conditioning == "context":
+            if context is not None:
+                raise ValueError("context given to a UNet whose context is its class embedding")
+            return emb, self.class_context(class_labels).to(dtype)[:, None]  # [B] -> [B, 1, context_dim]
+        if context is None:
+            if cfg.num_classes is None:
+                raise ValueError("a text-conditioned UNet needs a context")
+            # "time" mode with cross-attention: one zero token (diffusers' UNet2DConditionModel takes any
+            # encoder_hidden_states beside class_labels; a given context is used as it is)
+            return emb, emb.new_zeros(emb.shape[0], 1, cfg.context_dim, dtype=dtype)
+        return emb, context.to(dtype)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         B = x.shape[0]
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(B)
         emb = self.time_embedding(timestep_embedding(t, self.config.block_channels[0]).to(x.dtype))
-        context = context.to(x.dtype)
+        emb, context = self._condition(emb, context, class_labels, x.dtype)
+        ctx = () if context is None else (context,)  # what the attention blocks take beside the features
 
         block = self._block
         h = self.conv_in(x)
@@ -192,21 +235,22 @@ class UNet(nn.Module):
             for i, resnet in enumerate(level.resnets):
                 h = block(resnet, h, emb)
                 if level.attentions is not None:
-                    h = block(level.attentions[i], h, context)
+                    h = block(level.attentions[i], h, *ctx)
                 skips.append(h)
             if level.resampler is not None:
                 h = level.resampler(h)
                 skips.append(h)
 
         h = block(self.mid_block.resnets[0], h, emb)
-        h = block(self.mid_block.attentions[0], h, context)
+        if self.mid_block.attentions is not None:
+            h = block(self.mid_block.attentions[0], h, *ctx)
         h = block(self.mid_block.resnets[1], h, emb)
 
         for level in self.up_blocks:
             for i, resnet in enumerate(level.resnets):
                 h = block(resnet, torch.cat([h, skips.pop()], dim=1), emb)
                 if level.attentions is not None:
-                    h = block(level.attentions[i], h, context)
+                    h = block(level.attentions[i], h, *ctx)
             if level.resampler is not None:
                 h = level.resampler(h, size=skips[-1].shape[-2:])  # match the skip for odd sizes
 

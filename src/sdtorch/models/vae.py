@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from .blocks import Attention, Downsample, ResBlock, Upsample
+from .blocks import Downsample, ResBlock, SelfAttention2d, Upsample
 
 EPS = 1e-6  # GroupNorm epsilon of the LDM autoencoder
 
@@ -39,20 +39,6 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-class VAEAttention(Attention):
-    """Single-head self-attention over the H*W positions, with its own GroupNorm and a residual."""
-
-    def __init__(self, ch: int, groups: int):
-        super().__init__(ch, heads=1, qkv_bias=True)
-        self.group_norm = nn.GroupNorm(groups, ch, eps=EPS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
-        h = super().forward(h)
-        return x + h.transpose(1, 2).reshape(B, C, H, W)
-
-
 class Block(nn.Module):
     """A level of the encoder or decoder: ResBlocks then an optional resampler."""
 
@@ -74,7 +60,7 @@ class MidBlock(nn.Module):
     def __init__(self, ch: int, groups: int, attention: bool = True):
         super().__init__()
         self.resnets = nn.ModuleList([ResBlock(ch, ch, groups, EPS), ResBlock(ch, ch, groups, EPS)])
-        self.attentions = nn.ModuleList([VAEAttention(ch, groups)] if attention else [])
+        self.attentions = nn.ModuleList([SelfAttention2d(ch, 1, groups, EPS)] if attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
