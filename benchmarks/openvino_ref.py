@@ -97,6 +97,19 @@ def vae_decoder(diffusers_vae, latents: torch.Tensor, precision: str = "bf16"):
     return _compile(_VAEDecode(diffusers_vae), (latents,), precision)
 
 
+def converted(make_reference, convert, *example, skip: bool = False):
+    """(callable, conversion seconds) of `convert(reference, *example, precision="bf16")` for the reference model
+    `make_reference()` builds (freed once converted), or (None, why) where OpenVINO is skipped or missing."""
+    if skip:
+        return None, "OpenVINO: skipped (--no-openvino)"
+    if not available():
+        return None, "OpenVINO: not installed (pip install openvino): skipped"
+    reference = make_reference()
+    t0 = time.perf_counter()
+    run = convert(reference, *example, precision="bf16")
+    return run, time.perf_counter() - t0
+
+
 def _timed(fn, *args, repeats: int = 3):
     """(output, best-of-`repeats` seconds) after one warm-up call."""
     out, best = fn(*args), float("inf")

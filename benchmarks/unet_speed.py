@@ -206,22 +206,16 @@ def main() -> None:
         measure("diffusers bf16", lambda: ref(xb, t, encoder_hidden_states=cb).sample, "bf16")
         del ref
         gc.collect()
-        if args.no_openvino or gpu:
-            print("OpenVINO: skipped (--no-openvino)")
-        else:
-            import openvino_ref
+        import openvino_ref
 
-            if not openvino_ref.available():
-                print("OpenVINO: not installed (pip install openvino): skipped")
-            else:
-                ref = theirs(torch.float32)
-                t0 = time.perf_counter()
-                run = openvino_ref.unet(ref, x, t, ctx, precision="bf16")
-                convert_s = time.perf_counter() - t0
-                del ref
-                gc.collect()
-                measure("OpenVINO bf16", lambda: run(x, t, ctx), "bf16")
-                print(f"  (OpenVINO conversion and compilation: {convert_s:.0f} s, not in the step time)")
+        run, convert_s = openvino_ref.converted(lambda: theirs(torch.float32), openvino_ref.unet, x, t, ctx,
+                                                skip=args.no_openvino or gpu)
+        gc.collect()
+        if run is None:
+            print(convert_s)
+        else:
+            measure("OpenVINO bf16", lambda: run(x, t, ctx), "bf16")
+            print(f"  (OpenVINO conversion and compilation: {convert_s:.0f} s, not in the step time)")
     if compiled:
         print(f"  (torch.compile: first call {compiled['seconds']:.0f} s, not in the step time)")
 

@@ -170,19 +170,14 @@ def main() -> None:
         measure(f"diffusers {name}", lambda latents: ref.decode(latents).sample, z.to(dtype))
     if not bf16:
         print("bf16 emulated on this CPU: skipped (sdtorch bf16, diffusers bf16, OpenVINO bf16)")
-    elif args.no_openvino:
-        print("OpenVINO: skipped (--no-openvino)")
     else:
         import openvino_ref
 
-        if not openvino_ref.available():
-            print("OpenVINO: not installed (pip install openvino): skipped")
+        run, convert_s = openvino_ref.converted(lambda: theirs(torch.float32), openvino_ref.vae_decoder, z,
+                                                skip=args.no_openvino)
+        if run is None:
+            print(convert_s)
         else:
-            ref = theirs(torch.float32)
-            t0 = time.perf_counter()
-            run = openvino_ref.vae_decoder(ref, z, precision="bf16")
-            convert_s = time.perf_counter() - t0
-            del ref
             measure("OpenVINO bf16", run, z)
             print(f"  (OpenVINO conversion and compilation: {convert_s:.0f} s, not in the decode time)")
 

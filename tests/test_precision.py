@@ -179,3 +179,25 @@ def test_the_parameters_record_a_reduced_precision_for_replay(monkeypatch):
     model.to(dtype="bf16")
     fields = infotext.parse(generation.generate(model, generation.resolve("x", model, steps=1)).parameters[0])[2]
     assert fields["Precision"] == "bf16"
+
+
+def test_loading_in_another_dtype_reads_each_tensor_exactly(tmp_path, monkeypatch):
+    """A converted load reads every tensor with plain file reads (checkpoints.io: not through the memory map),
+    and gives the same weights as converting after a load in the file's dtype."""
+    from sdtorch.checkpoints import io
+
+    monkeypatch.setenv(precision.ENV, "1")
+    path = tmp_path / "tiny.safetensors"
+    sdtorch.build("tiny", seed=4).save_single_file(path)
+    copies = []
+    real = io.StateDict.copy
+    monkeypatch.setattr(io.StateDict, "copy", lambda self, key: copies.append(key) or real(self, key))
+    direct = sdtorch.load(path, dtype="bf16")
+    assert copies, "converted tensors were read by copy"
+    after = sdtorch.load(path).to(dtype="bf16")
+    for name, module in direct.modules.items():
+        for (k, a), (_, b) in zip(module.state_dict().items(), after.modules[name].state_dict().items()):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name}.{k}"
+    copies.clear()
+    sdtorch.load(path)
+    assert not copies, "a load in the file's dtype stays on the memory map"

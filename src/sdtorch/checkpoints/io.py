@@ -28,10 +28,13 @@ INERT_GLOBAL_PREFIXES = ("pytorch_lightning.callbacks.", "lightning.pytorch.call
 
 
 class StateDict(Mapping):
-    """A read-only name -> tensor mapping over a file; tensors are read when asked for."""
+    """A read-only name -> tensor mapping over a file; tensors are read when asked for. `copy(key)` reads a
+    tensor into memory of its own, for a caller that converts it (see `_read_safetensors`)."""
 
-    def __init__(self, path: Path, keys: list[str], get, shape, metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, keys: list[str], get, shape, metadata: dict[str, str] | None = None,
+                 copy=None, dtype=None):
         self.path, self._keys, self._get, self._shape = path, keys, get, shape
+        self._copy, self._dtype = copy or get, dtype
         self._keyset = set(keys)
         self.metadata = metadata or {}
 
@@ -39,6 +42,15 @@ class StateDict(Mapping):
         if key not in self._keyset:
             raise KeyError(key)
         return self._get(key)
+
+    def copy(self, key: str) -> torch.Tensor:
+        if key not in self._keyset:
+            raise KeyError(key)
+        return self._copy(key)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored tensor's dtype without reading its data (None where the file's type has no torch name)."""
+        return self._dtype(key) if self._dtype is not None else self[key].dtype
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -86,11 +98,12 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def _read_safetensors(path: Path) -> StateDict:
-    """safetensors' own reader checks the header (offsets, sizes, a truncated file); the tensors' bytes are
-    then read with plain file reads into fresh tensors, one tensor at a time. Not through a memory map: every
-    page of a mapped file that is read counts in the process's resident memory until the file is closed, so
-    loading an fp32 file into bf16 held the whole fp32 file beside the bf16 weights (5.0 GB peak for SD 1.5's
-    2.1 GB of bf16 weights; read this way, one tensor beyond the weights)."""
+    """safetensors' own reader checks the header (offsets, sizes, a truncated file) and gives tensors over its
+    memory map, with no copy. `copy(key)` instead reads the tensor's bytes with plain file reads into a fresh
+    tensor, for a tensor that is converted to another dtype at once: every page of a mapped file that is read
+    counts in the process's resident memory until the file is closed, so loading an fp32 file into bf16
+    through the map held the whole fp32 file beside the bf16 weights (5.0 GB peak for SD 1.5's 2.1 GB of bf16
+    weights; read this way, one tensor beyond the weights)."""
     try:
         f = safe_open(str(path), framework="pt")
         keys = list(f.keys())
@@ -102,6 +115,12 @@ def _read_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
     def get(key):
+        try:
+            return f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
+
+    def copy(key):
         info = header.get(key, {})
         try:
             if info.get("dtype") not in SAFETENSORS_DTYPES:
@@ -120,7 +139,8 @@ def _read_safetensors(path: Path) -> StateDict:
         except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
 
-    return StateDict(path, keys, get, lambda k: f.get_slice(k).get_shape(), metadata)
+    return StateDict(path, keys, get, lambda k: f.get_slice(k).get_shape(), metadata, copy,
+                     lambda k: SAFETENSORS_DTYPES.get(header.get(k, {}).get("dtype")))
 
 
 def _inert_class(qualified: str) -> type:

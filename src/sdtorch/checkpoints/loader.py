@@ -127,7 +127,10 @@ def load_component(name: str, factory: Callable[[], nn.Module], sources: Mapping
 
     tensors = {}
     for key, src in plan.items():
-        t = _apply(sd[src.key], src.transform)
+        # a tensor converted to another dtype is read into memory of its own, not through the file's map,
+        # so the file's pages do not stay resident beside the converted weights (io._read_safetensors)
+        converted = dtype is not None and sd.dtype(src.key) not in (dtype, None)
+        t = _apply(sd.copy(src.key) if converted else sd[src.key], src.transform)
         if dtype is None and t.is_floating_point():
             dtype = t.dtype  # the checkpoint's own dtype, taken from the component's first tensor
         tensors[key] = t.to(dtype) if t.is_floating_point() else t
