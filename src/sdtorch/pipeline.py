@@ -395,7 +395,8 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
     folder = Path(path_or_name).is_dir()
     defaults = read_defaults(path_or_name) if folder else {}
     vocabulary = read_vocabulary(path_or_name) if folder else None
-    names = _read_words(Path(path_or_name) / CLASS_NAMES_FILE) if folder else None
+    names_file = Path(path_or_name) / CLASS_NAMES_FILE
+    names = check_class_names(_read_words(names_file), config_, str(names_file)) if folder else None
     model = StableDiffusion(modules["unet"], modules["vae"], modules.get("text_encoder"), tokenizer, config_, report,
                             name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary,
                             class_names=names)

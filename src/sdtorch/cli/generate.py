@@ -275,8 +275,8 @@ def add_device_flags(p, dtype_default: str | None = "auto") -> None:
                    help=f"compute dtype (default: {default})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the UNet with torch.compile first (the first image waits tens of seconds; pays "
-                   "for long runs: see the README's performance table; default: off)")
+                   help="compile the UNet with torch.compile first (the first image waits; measured: SD 1.5 1.5%% "
+                   "faster after a 98 s compile, the built-in model slower; default: off)")
 
 
 def load_for(args, model_path):
