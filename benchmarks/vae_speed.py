@@ -89,7 +89,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def big_rows(folder: Path, args) -> None:
     """The --big decode untiled and tiled, each in its own process: time, peak RSS, PSNR."""
-    side = args.big * 2 ** (len(PRESETS[args.preset].vae.block_channels) - 1)
+    side = args.big * PRESETS[args.preset].vae.downsampling
     print(f"\n{side}x{side} decode ({args.big}x{args.big} latents, {args.dtype}), one call in a fresh process each")
     modes = ["untiled"]
     if importlib.util.find_spec("sdtorch.tiling") is None:
@@ -147,7 +147,7 @@ def main() -> None:
     from sdtorch import checkpoints
 
     cfg = PRESETS[args.preset].vae
-    side = args.latent * 2 ** (len(cfg.block_channels) - 1)
+    side = args.latent * cfg.downsampling
     torch.manual_seed(0)
     z = torch.randn(1, cfg.latent_channels, args.latent, args.latent) / cfg.scaling_factor
     print(f"\n{side}x{side} decode ({cfg.latent_channels}x{args.latent}x{args.latent} latents), best of "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import sdtorch
 from sdtorch import tiling
-from sdtorch.config import TINY
+from sdtorch.config import TINY, VAEConfig
 from sdtorch.data import shapes
 from sdtorch.errors import SDTorchError
 from sdtorch.models import AutoencoderKL
@@ -66,7 +66,7 @@ class LocalVAE:
     """A stand-in autoencoder whose decode (nearest upsampling) and encode (mean pooling) are local, so a
     tiled result must equal the untiled one wherever the tiles cover and blend correctly."""
 
-    config = SimpleNamespace(block_channels=(1, 1, 1))  # factor 4
+    config = VAEConfig(block_channels=(8, 8, 8), norm_groups=8)  # downsampling 4
 
     def decode(self, z):
         return z.repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1)

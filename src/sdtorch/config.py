@@ -158,6 +158,11 @@ class VAEConfig:
         _positive_real("vae", "scaling_factor", self.scaling_factor)
         _flag("vae", "mid_attention", self.mid_attention)
 
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per latent pixel along a side: each level after the first halves the size (8 for SD's)."""
+        return 2 ** (len(self.block_channels) - 1)
+
 
 @dataclass(frozen=True)
 class TextConfig:

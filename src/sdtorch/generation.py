@@ -226,7 +226,7 @@ class Request:
             raise SDTorchError(f"steps {self.steps}: the model's schedule of {config.num_train_timesteps} training "
                                f"steps supports at most {most} with sampler {self.sampler}"
                                + ("" if self.karras else " (more with --karras)"))
-        factor = 2 ** (len(config.vae.block_channels) - 1)
+        factor = config.vae.downsampling
         if self.width % factor or self.height % factor:
             raise SDTorchError(f"width and height must be multiples of {factor} for this model's VAE, "
                                f"got {self.width}x{self.height}")
@@ -500,7 +500,7 @@ def generate(model, req: Request, source: torch.Tensor | None = None, mask: torc
     # 50 steps gave inf, then black images, for 6 of 32 prompts of the built-in model loaded in fp16).
     device, dtype = next(unet.parameters()).device, torch.float32
     scale = model.config.vae.scaling_factor
-    factor = 2 ** (len(model.config.vae.block_channels) - 1)  # 8 for SD's VAE
+    factor = model.config.vae.downsampling
     latent_shape = (1, model.config.unet.out_channels, req.height // factor, req.width // factor)
     cond, uncond = _conditions(model, req, device)
     vp = next(vae.parameters())

@@ -83,23 +83,19 @@ def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, f_in: int, f_out: int) 
     return out.to(dtype)
 
 
-def _factor(vae) -> int:
-    return 2 ** (len(vae.config.block_channels) - 1)
-
-
 def decode(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
     """`vae.decode(latents)` in overlapping tiles of at most `tile` x `tile` latent pixels sharing
     `overlap` (latent pixels) with each neighbour; latents that fit in one tile are decoded directly."""
     _check(tile, overlap)
     if latents.shape[-2] <= tile and latents.shape[-1] <= tile:
         return vae.decode(latents)
-    return _tiled(vae.decode, latents, tile, overlap, 1, _factor(vae))
+    return _tiled(vae.decode, latents, tile, overlap, 1, vae.config.downsampling)
 
 
 def encode(vae, images: torch.Tensor, tile: int = 512, overlap: int = 128) -> torch.Tensor:
     """`vae.encode(images).mode()` in overlapping tiles of at most `tile` x `tile` pixels sharing
     `overlap` pixels; both must be multiples of the downsampling factor f, and so must a tiled image's sides."""
-    f = _factor(vae)
+    f = vae.config.downsampling
     _check(tile, overlap, f)
     H, W = images.shape[-2:]
     if H <= tile and W <= tile:

@@ -255,7 +255,7 @@ def read_config(folder: Path) -> ModelConfig:
     return _build(ModelConfig, sched_file, {}, family=family, unet=unet, vae=vae, text=text,
                   prediction_type=s.get("prediction_type", "epsilon"),
                   pad_token="!" if family == "sd2" else "<|endoftext|>",
-                  sample_size=latent * 2 ** (len(vae.block_channels) - 1),
+                  sample_size=latent * vae.downsampling,
                   num_train_timesteps=s.get("num_train_timesteps", 1000), beta_start=s.get("beta_start", 0.00085),
                   beta_end=s.get("beta_end", 0.012), beta_schedule=s.get("beta_schedule", "scaled_linear"))
 
@@ -264,7 +264,7 @@ def _unet_json(cfg: ModelConfig) -> dict:
     u = cfg.unet
     n = len(u.block_channels)
     ch0 = u.block_channels[0]
-    latent_scale = 2 ** (len(cfg.vae.block_channels) - 1)
+    latent_scale = cfg.vae.downsampling
     out = {"_class_name": "UNet2DConditionModel" if u.cross_attention else "UNet2DModel",
            "_diffusers_version": DIFFUSERS_VERSION, "sample_size": cfg.sample_size // latent_scale,
            "in_channels": u.in_channels, "out_channels": u.out_channels, "block_out_channels": list(u.block_channels)}
