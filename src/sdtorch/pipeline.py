@@ -31,6 +31,7 @@ DEFAULTS_FILE = "generation_defaults.json"
 VOCABULARY_FILE = "prompt_vocabulary.json"
 # A class-conditional model's class names, label i the i-th (a JSON list of strings), so a request may name a class.
 CLASS_NAMES_FILE = "class_names.json"
+CLASS_NAMES_KEY = "sdtorch_class_names"  # the same list in a single file's metadata
 
 
 class StableDiffusion:
@@ -154,8 +155,10 @@ class StableDiffusion:
         return checkpoints.save_diffusers(self.modules, self.config, self.tokenizer, folder, _dtype(dtype), extra)
 
     def save_single_file(self, path, dtype=None) -> Path:
-        """Write one original-layout `.safetensors` (a file there is replaced atomically)."""
-        return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype), self.tokenizer)
+        """Write one original-layout `.safetensors` (a file there is replaced atomically); a class model's names
+        go in its metadata (CLASS_NAMES_KEY)."""
+        extra = {CLASS_NAMES_KEY: json.dumps(self.class_names)} if self.class_names is not None else None
+        return checkpoints.save_single_file(self.modules, self.config, path, _dtype(dtype), self.tokenizer, extra)
 
     def _run(self, prompt, source, mask, output_type, progress, limits=None, **kw):
         from . import generation, images
@@ -287,6 +290,20 @@ def check_class_names(names, config: ModelConfig, where: str) -> list[str] | Non
     return list(names)
 
 
+def _class_names(path: Path, config: ModelConfig, folder: bool) -> list[str] | None:
+    """A model's class names: a folder's class_names.json, or a single file's CLASS_NAMES_KEY metadata."""
+    if folder:
+        return check_class_names(_read_words(path / CLASS_NAMES_FILE), config, str(path / CLASS_NAMES_FILE))
+    raw = checkpoints.io.file_metadata(path).get(CLASS_NAMES_KEY)
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError as e:
+        raise SDTorchError(f"{path}: its {CLASS_NAMES_KEY} metadata is not JSON ({e})") from None
+    return check_class_names(names, config, f"{path}: {CLASS_NAMES_KEY} metadata")
+
+
 def _read_words(path: Path) -> list[str] | None:
     """A JSON list of strings from `path`, or None where there is no such file."""
     if not path.is_file():
@@ -395,8 +412,7 @@ def load(path_or_name, dtype=None, prediction_type=None, *, config=None, use_ema
     folder = Path(path_or_name).is_dir()
     defaults = read_defaults(path_or_name) if folder else {}
     vocabulary = read_vocabulary(path_or_name) if folder else None
-    names_file = Path(path_or_name) / CLASS_NAMES_FILE
-    names = check_class_names(_read_words(names_file), config_, str(names_file)) if folder else None
+    names = _class_names(Path(path_or_name), config_, folder)
     model = StableDiffusion(modules["unet"], modules["vae"], modules.get("text_encoder"), tokenizer, config_, report,
                             name=Path(path_or_name).name, defaults=defaults, vocabulary=vocabulary,
                             class_names=names)

@@ -220,10 +220,11 @@ def _state(module: torch.nn.Module, dtype) -> dict[str, torch.Tensor]:
 
 
 def save_single_file(modules: dict, config: ModelConfig, path, dtype=None,
-                     tokenizer: CLIPTokenizer | None = None) -> Path:
+                     tokenizer: CLIPTokenizer | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write one `.safetensors` in the original CompVis layout (what AUTOMATIC1111 and ComfyUI load).
     A tokenizer other than the bundled CLIP one is stored in the metadata (`CLIPTokenizer.to_metadata`).
     A model without a text encoder writes the UNet and VAE only (`modules["text_encoder"]` may be absent).
+    `metadata` adds string entries to the header (a class model's names, say).
     The destination is checked before any tensor is converted; a file there is replaced atomically."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -243,7 +244,7 @@ def save_single_file(modules: dict, config: ModelConfig, path, dtype=None,
                 out[src.key] = t
         out.update({k: torch.cat(chunks, dim=0) for k, chunks in parts.items()})
     meta = {"sdtorch_config": json.dumps(dataclasses.asdict(config)), "prediction_type": config.prediction_type,
-            "format": "pt", **(tokenizer.to_metadata() if tokenizer is not None else {})}
+            "format": "pt", **(tokenizer.to_metadata() if tokenizer is not None else {}), **(metadata or {})}
     write_safetensors(out, path, metadata=meta)
     return path
 

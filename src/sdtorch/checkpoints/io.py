@@ -91,6 +91,18 @@ def read_state_dict(path: str | Path) -> StateDict:
     raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch pickle/zip file)")
 
 
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """A `.safetensors` file's header metadata (no tensor is read); {} for a pickle, which has none."""
+    path = Path(path)
+    if not path.is_file() or _sniff(path) != "safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+
+
 # safetensors' dtype names -> torch dtypes, for the tensors `_read_safetensors` reads itself (others: safetensors')
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -136,7 +136,29 @@ def random_color_scene(rng: random.Random, two: bool | None = None) -> Scene:
 MIN_SIZE, MAX_SIZE = 16, 1024  # canvas side: a small shape is 4 px at 16; 1024 renders a 4096 px supersample
 
 
-def check_make_shapes(count, seed, size, random_colors: bool = False, with_color: str | None = None) -> None:
+# The classes of a class-conditional shapes model: the colour-shape pairs training may show (the held-out ones
+# never), each named "colour-shape" (its folder in `make_shapes(..., classes=True)`); 20 of them.
+SEEN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT)
+
+
+def class_name(color: str, shape: str) -> str:
+    return f"{color}-{shape}"
+
+
+def parse_class_name(name: str) -> tuple[str, str] | None:
+    """(colour, shape) of a class named as `class_name` does, or None for another name."""
+    color, _, shape = name.partition("-")
+    return (color, shape) if color in COLORS and shape in SHAPES else None
+
+
+def class_scene(rng: random.Random, color: str, shape: str) -> Scene:
+    """One object of the given colour and shape, its size, position and background drawn from the grammar."""
+    background = rng.choice([b for b in BACKGROUNDS if allowed(color, shape, b, (color, shape) in HELD_OUT)])
+    return Scene((Obj(rng.choice(list(SIZES)), color, shape, rng.choice(list(POSITIONS))),), background)
+
+
+def check_make_shapes(count, seed, size, random_colors: bool = False, with_color: str | None = None,
+                      classes: bool = False) -> None:
     """make-shapes' numbers, before any file is written: integers, at least one image, a supported size."""
     from ..errors import SDTorchError
 
@@ -149,6 +171,9 @@ def check_make_shapes(count, seed, size, random_colors: bool = False, with_color
         raise SDTorchError(f"--with-color must be teal or a palette colour ({', '.join(COLORS)}), got {with_color!r}")
     if with_color is not None and random_colors:
         raise SDTorchError("--with-color and --random-colors cannot be combined")
+    if classes and (random_colors or with_color is not None):
+        raise SDTorchError("--classes draws the palette's seen colour-shape pairs: it cannot be combined with "
+                           "--random-colors or --with-color")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise SDTorchError(f"--size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
 
@@ -164,12 +189,14 @@ def with_color_scene(rng: random.Random, color: str, two: bool | None = None) ->
 
 
 def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: bool = True,
-                random_colors: bool = False, with_color: str | None = None) -> Path:
+                random_colors: bool = False, with_color: str | None = None, classes: bool = False) -> Path:
     """Write `count` images with same-name caption files (the trainers' image-folder format): half with
     one object, half with two, no held-out pair, no teal. Deterministic for a seed. With `random_colors`,
     the scenes of `random_color_scene` (the autoencoder's data; captions name colours as "#rrggbb"). With
     `with_color` (a palette colour or "teal"), every scene's first object has that colour (`with_color_scene`):
-    the data for teaching a model a colour, teal being the one its training never showed.
+    the data for teaching a model a colour, teal being the one its training never showed. With `classes`, the
+    data of a class-conditional model: one object per image, the seen pairs in turn (`SEEN_PAIRS`), each in
+    its class's folder (`class_name`; the ImageFolder layout) and with no caption files.
 
     The folder is built under a temporary name and renamed into place, whole or not at all. An existing
     `folder` is replaced as a whole only when it is empty or an earlier make-shapes dataset (files named
@@ -178,12 +205,18 @@ def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: boo
 
     from ..fileio import atomic_folder, check_folder_destination
 
-    check_make_shapes(count, seed, size, random_colors, with_color)
+    check_make_shapes(count, seed, size, random_colors, with_color, classes)
     folder = check_folder_destination(folder, replaceable=is_shapes_dataset,
-                                      what="a make-shapes dataset (only NNNNNN.png and NNNNNN.txt files)")
+                                      what="a make-shapes dataset (only NNNNNN.png and NNNNNN.txt files, or "
+                                      "class folders of NNNNNN.png files)")
     rng = random.Random(seed)
     with atomic_folder(folder) as tmp:
         for i in tqdm(range(count), desc="make-shapes", disable=not progress):
+            if classes:
+                color, shape = SEEN_PAIRS[i % len(SEEN_PAIRS)]
+                (tmp / class_name(color, shape)).mkdir(exist_ok=True)
+                render(class_scene(rng, color, shape), size, rng).save(tmp / class_name(color, shape) / f"{i:06d}.png")
+                continue
             if with_color:
                 scene = with_color_scene(rng, with_color, two=i % 2 == 1)
             else:
@@ -194,5 +227,9 @@ def make_shapes(folder, count: int, seed: int = 0, size: int = 64, progress: boo
 
 
 def is_shapes_dataset(folder: Path) -> bool:
-    """A folder `make_shapes` wrote: numbered images and captions, nothing else."""
-    return all(p.is_file() and re.fullmatch(r"\d{6}\.(png|txt)", p.name) for p in folder.iterdir())
+    """A folder `make_shapes` wrote: numbered images and captions, or class folders of numbered images."""
+    def is_class_folder(p: Path) -> bool:
+        return (p.is_dir() and parse_class_name(p.name) is not None
+                and all(f.is_file() and re.fullmatch(r"\d{6}\.png", f.name) for f in p.iterdir()))
+    return all((p.is_file() and re.fullmatch(r"\d{6}\.(png|txt)", p.name)) or is_class_folder(p)
+               for p in folder.iterdir())

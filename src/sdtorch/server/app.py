@@ -212,6 +212,9 @@ def create_app(config: ServerConfig | None = None, service: Service | None = Non
             raise SDTorchError("samples_format: sdtorch writes png only")
         if "CLIP_stop_at_last_layers" in body:
             value = body["CLIP_stop_at_last_layers"]
+            if service.model.config.text is None:
+                raise SDTorchError(f"CLIP_stop_at_last_layers: the model is {service.model.config.unet.conditioning}-"
+                                   "conditioned and has no text encoder")
             layers = service.model.config.text.layers
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
                 raise SDTorchError(f"CLIP_stop_at_last_layers must be an integer from 1 to {layers}, got {value!r}")

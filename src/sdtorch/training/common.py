@@ -326,7 +326,8 @@ class RunData:
         if args.bf16 and self.dist.main:
             precision.check_dtype(torch.bfloat16, "cpu", "--bf16")
         self.dataset = ImageCaptionDataset(args.data, args.resolution, center_crop=args.center_crop,
-                                           random_flip=args.random_flip, seed=args.seed)
+                                           random_flip=args.random_flip, seed=args.seed,
+                                           conditioning=getattr(args, "conditioning", "text"))
         self.val_idx, self.train_idx = split(self.dataset, args.data, args.val_size, args.batch_size, args.seed,
                                              self.dist)
 

@@ -6,6 +6,12 @@ The dataset reads two layouts; if `metadata.jsonl` exists at the root, it wins:
 - Hugging Face imagefolder: `metadata.jsonl`, one `{"file_name": relative path, "text": caption}`
   object a line; images it does not list are ignored.
 
+For a class-conditional model (`conditioning="class"`) the labels come from `metadata.jsonl`'s "label"
+field (class names, or integer indices 0..N-1), or else from the torchvision ImageFolder layout: each
+subfolder of the root is a class, named by the folder, holding its images at any depth. Classes are
+sorted by name, as torchvision numbers them. For an unconditional model (`conditioning="none"`) every
+image under the root trains, and captions and labels are ignored.
+
 An image is EXIF-rotated, converted to RGB (alpha dropped), resized with PIL's bicubic filter
 (antialiased when shrinking) so its short side equals `resolution`, cropped to a square, and
 optionally flipped. The crop offset and flip come from `random.Random("seed:epoch:index")` (a string
@@ -42,18 +48,30 @@ SHOWN_NAMES = 5  # unreadable files named in the warning
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+CONDITIONING = ("text", "class", "none")  # what a dataset's items are labelled with
+
+
 class ImageCaptionDataset(Dataset):
-    """Items `{"pixels": [3, R, R] in [-1, 1], "caption": str, "index": int}` from a folder of images."""
+    """Items `{"pixels": [3, R, R] in [-1, 1], "caption": str, "index": int}` from a folder of images; with
+    `conditioning="class"` also `"label": int` (the caption is then the class name), and with "none" every
+    caption is empty. `class_names` lists a class dataset's classes (None for integer labels or no classes)."""
 
     def __init__(self, root, resolution: int, center_crop: bool = True, random_flip: bool = False,
-                 seed: int = 0, verify: bool = True):
+                 seed: int = 0, verify: bool = True, conditioning: str = "text"):
         self.root = Path(root)
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.conditioning = seed, 0, conditioning
+        if conditioning not in CONDITIONING:
+            raise SDTorchError(f"conditioning must be one of {', '.join(CONDITIONING)}, got {conditioning!r}")
         if not self.root.is_dir():
             raise SDTorchError(f"{self.root}: no such dataset folder")
         has_metadata = (self.root / METADATA).is_file()
-        pairs = _read_metadata(self.root) if has_metadata else _scan_folder(self.root)
+        self.labels: list[int] | None = None
+        self.class_names: list[str] | None = None
+        if conditioning == "class":
+            pairs, classes = _read_labels(self.root) if has_metadata else _scan_classes(self.root)
+        else:
+            pairs = _read_metadata(self.root) if has_metadata else _scan_folder(self.root)
         pairs, bad = _check(pairs, verify)
         self.skipped: list[Path] = [path for path, _ in bad]
         if bad:
@@ -64,9 +82,21 @@ class ImageCaptionDataset(Dataset):
             where = f"the files listed in {METADATA}" if has_metadata else f"{'/'.join(IMAGE_EXTENSIONS)} files"
             raise SDTorchError(f"{self.root}: no usable images (looked for {where}; {len(bad)} unreadable)")
         self.files: list[Path] = [path for path, _ in pairs]
+        if conditioning == "class":
+            self.labels = [label for _, label in pairs]
+            self._classes = classes
+            self.class_names = _check_classes(self.root, classes, self.labels, has_metadata)
+            pairs = [(path, classes[label]) for path, label in pairs]  # a class's name is its images' caption
+        elif conditioning == "none":
+            pairs = [(path, "") for path, _ in pairs]
         self._captions = [caption or "" for _, caption in pairs]
         self.missing_captions = sum(caption is None for _, caption in pairs)
         self._bad: set[int] = set()  # indices that failed in __getitem__ (per worker process)
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes a class dataset has (labels 0 to num_classes - 1); None for text or no labels."""
+        return None if self.labels is None else len(self._classes)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -94,7 +124,10 @@ class ImageCaptionDataset(Dataset):
                 self.skipped.append(self.files[j])
                 warnings.warn(f"{self.files[j]}: unreadable ({e}); using the next image instead", stacklevel=2)
                 continue
-            return {"pixels": self.transform(image, j), "caption": self._captions[j], "index": j}
+            item = {"pixels": self.transform(image, j), "caption": self._captions[j], "index": j}
+            if self.labels is not None:
+                item["label"] = self.labels[j]
+            return item
         raise SDTorchError(f"{self.root}: none of the {n} images can be read any more")
 
     def transform(self, image: Image.Image, index: int) -> torch.Tensor:
@@ -159,8 +192,16 @@ def _caption_beside(image: Path) -> str | None:
 
 
 def _read_metadata(root: Path) -> list[tuple[Path, str | None]]:
-    path = root / METADATA
-    captions: dict[str, str | None] = {}
+    captions = {}
+    for _, row in _metadata_rows(root / METADATA):
+        text = row.get("text")
+        captions[Path(row["file_name"]).as_posix()] = text.strip() if isinstance(text, str) else None
+    return [(root / name, captions[name]) for name in sorted(captions)]
+
+
+def _metadata_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a metadata.jsonl; each must name its "file_name"."""
+    rows = []
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -174,9 +215,78 @@ def _read_metadata(root: Path) -> list[tuple[Path, str | None]]:
             raise SDTorchError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise SDTorchError(f'{path}:{n}: each line must be an object with a "file_name" string')
-        text = row.get("text")
-        captions[Path(row["file_name"]).as_posix()] = text.strip() if isinstance(text, str) else None
-    return [(root / name, captions[name]) for name in sorted(captions)]
+        rows.append((n, row))
+    return rows
+
+
+def _scan_classes(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """ImageFolder layout: (image, label) pairs and the classes, one per subfolder, sorted by name (or by
+    number, where every folder is named by an integer)."""
+    images = [p for p, _ in _scan_folder(root)]
+    folders = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if not folders:
+        raise SDTorchError(f"{root}: no class folders; the layout is {root.name}/CLASS/image.png, or a {METADATA} "
+                           f"with a \"label\" field")
+    loose = [p for p in images if p.parent == root]
+    if loose:
+        raise SDTorchError(f"{root}: {len(loose)} image(s) ({loose[0].name}, ...) lie outside any class folder; the "
+                           f"layout is {root.name}/CLASS/image.png, or a {METADATA} with a \"label\" field")
+    numbered = all(name.isdigit() for name in folders)
+    if numbered:  # folders 0, 1, ...: labels by number, with no names
+        classes = [str(n) for n in range(max(int(name) for name in folders) + 1)]
+        label = {name: int(name) for name in folders}
+    else:
+        classes = sorted(folders)
+        label = {name: i for i, name in enumerate(classes)}
+    return [(p, label[p.relative_to(root).parts[0]]) for p in images], classes
+
+
+def _read_labels(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """metadata.jsonl's (image, label) pairs and classes: "label" is a class name (classes sorted by name) or an
+    integer index (classes 0 to the largest); every line must have one, and of one kind."""
+    path = root / METADATA
+    rows = _metadata_rows(path)
+    missing = [n for n, row in rows if not _is_label(row.get("label"))]
+    if missing:
+        raise SDTorchError(f"{path}: {len(missing)} line(s) have no \"label\" (a class name or an integer index), "
+                           f"the first line {missing[0]}; a class-conditional model needs every image's class")
+    kinds = {isinstance(row["label"], int) for _, row in rows}
+    if len(kinds) > 1:
+        raise SDTorchError(f"{path}: \"label\" mixes class names and integer indices; use one or the other")
+    labels = {Path(row["file_name"]).as_posix(): row["label"] for _, row in rows}
+    if kinds == {True}:
+        negative = [v for v in labels.values() if v < 0]
+        if negative:
+            raise SDTorchError(f"{path}: label {negative[0]} is negative; integer labels run from 0")
+        classes = [str(n) for n in range(max(labels.values(), default=-1) + 1)]
+        return [(root / name, labels[name]) for name in sorted(labels)], classes
+    classes = sorted({v.strip() for v in labels.values()})
+    number = next((c for c in classes if c.isdigit()), None)
+    if number is not None:
+        raise SDTorchError(f"{path}: label {number!r} is a number written as a string; write integer labels as "
+                           f"numbers, or give every class a name")
+    index = {c: i for i, c in enumerate(classes)}
+    return [(root / name, index[labels[name].strip()]) for name in sorted(labels)], classes
+
+
+def _is_label(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value.strip()))
+
+
+def _check_classes(root: Path, classes: list[str], labels: list[int], has_metadata: bool) -> list[str] | None:
+    """Every class has an image and there are at least two; the class names, or None for integer labels."""
+    counts = [0] * len(classes)
+    for label in labels:
+        counts[label] += 1
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        where = f"label {empty[0]} in {METADATA}" if has_metadata else f"the class folder {root.name}/{empty[0]}"
+        raise SDTorchError(f"{root}: {where} has no usable images ({len(empty)} class(es) without any); every "
+                           f"class needs images")
+    if len(classes) < 2:
+        raise SDTorchError(f"{root}: a single class ({classes[0]}): a class-conditional model needs at least two; "
+                           f"train with --conditioning none for one kind of image")
+    return None if all(c.isdigit() for c in classes) else classes
 
 
 def _check(pairs: list, verify: bool) -> tuple[list, list[tuple[Path, str]]]:
@@ -205,15 +315,16 @@ def _load_rgb(path: Path) -> Image.Image:
 class LatentCache(Dataset):
     """The VAE posterior (mean, std) of every dataset item, encoded once into safetensors shards.
 
-    Items are `{"mean", "std": [C, h, w] float32, "caption", "index"}`; the trainer draws
-    `mean + std * noise` with its own generator. Each shard `latents-NNNNN.safetensors` is written
-    atomically (temp file, then rename) and carries a fingerprint of the file list (relative paths
-    and sizes), resolution, crop, `vae_id`, dtype and shard size: shards that match are reused (so
-    an interrupted run resumes), others are deleted and re-encoded. `encode_fn(pixels [B, 3, R, R])`
-    returns `(mean, std)` or a posterior with `.mean` and `.std`; it moves the pixels to its device.
-    Only a fixed crop can be cached, so the dataset must use center_crop=True and random_flip=False.
-    Build the cache in one process (rank 0) before other processes open it. `dtype=torch.float16`
-    halves the disk, but a VAE's std (often below 1e-3) then loses precision.
+    Items are `{"mean", "std": [C, h, w] float32, "caption", "index"}` (and "label" for a class
+    dataset); the trainer draws `mean + std * noise` with its own generator. Each shard
+    `latents-NNNNN.safetensors` is written atomically (temp file, then rename) and carries a fingerprint of the
+    file list (relative paths and sizes), resolution, crop, `vae_id`, dtype and shard size: shards that
+    match are reused (so an interrupted run resumes), others are deleted and re-encoded.
+    `encode_fn(pixels [B, 3, R, R])` returns `(mean, std)` or a posterior with `.mean` and `.std`; it
+    moves the pixels to its device. Only a fixed crop can be cached, so the dataset must use
+    center_crop=True and random_flip=False. Build the cache in one process (rank 0) before other
+    processes open it. `dtype=torch.float16` halves the disk, but a VAE's std (often below 1e-3) then
+    loses precision.
     """
 
     def __init__(self, folder, dataset: ImageCaptionDataset, encode_fn, batch_size: int = 16,
@@ -226,7 +337,7 @@ class LatentCache(Dataset):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fingerprint = _fingerprint(dataset, vae_id, dtype, shard_size)
         self._len = len(dataset)
-        self._captions = dataset.captions
+        self._captions, self._labels = dataset.captions, dataset.labels
         self.shards = [self.folder / f"latents-{k:05d}.safetensors" for k in range(math.ceil(self._len / shard_size))]
         self._sweep()
         todo = [k for k, path in enumerate(self.shards) if not path.exists()]
@@ -247,8 +358,11 @@ class LatentCache(Dataset):
             self._handles[k] = safe_open(str(self.shards[k]), framework="pt")
         f = self._handles[k]
         index = int(f.get_slice("index")[j:j + 1][0])
-        return {"mean": f.get_slice("mean")[j:j + 1][0].float(), "std": f.get_slice("std")[j:j + 1][0].float(),
+        item = {"mean": f.get_slice("mean")[j:j + 1][0].float(), "std": f.get_slice("std")[j:j + 1][0].float(),
                 "caption": self._captions[index], "index": index}
+        if self._labels is not None:
+            item["label"] = self._labels[index]
+        return item
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}  # open files stay in their process (DataLoader workers)
