@@ -324,9 +324,12 @@ def test_unconditional_grader_counts_valid_scenes_and_pairs(shapes_vae):
     assert report["autoencoder"]["valid"]["accuracy"] == 1.0
 
 
-def test_eval_shapes_refuses_text_flags_for_a_class_model(cli, inputs, tmp_path):
+def test_text_only_commands_refuse_a_class_model(cli, inputs, tmp_path):
     folder = train(args(inputs, tmp_path / "run", max_steps=1))
     assert_clean_error(cli, ["eval", "shapes", "--model", str(folder), "--n-seen", "3", "-o", str(tmp_path / "ev")],
                        ["--n-seen", "class-conditional", "--n-per-class"], watch=[tmp_path])
     assert_clean_error(cli, ["eval", "shapes", "--n-per-class", "3", "-o", str(tmp_path / "ev")],
                        ["--n-per-class", "text-conditioned"], watch=[tmp_path])
+    assert_clean_error(cli, ["train-lora", str(inputs[0]), str(tmp_path / "lora"), "--model", str(folder),
+                             "--resolution", "32", "--max-steps", "1", "--no-progress"],
+                       ["train-lora", "class-conditioned"], watch=[tmp_path])

@@ -294,14 +294,8 @@ def _class_names(path: Path, config: ModelConfig, folder: bool) -> list[str] | N
     """A model's class names: a folder's class_names.json, or a single file's CLASS_NAMES_KEY metadata."""
     if folder:
         return check_class_names(_read_words(path / CLASS_NAMES_FILE), config, str(path / CLASS_NAMES_FILE))
-    raw = checkpoints.io.file_metadata(path).get(CLASS_NAMES_KEY)
-    if raw is None:
-        return None
-    try:
-        names = json.loads(raw)
-    except ValueError as e:
-        raise SDTorchError(f"{path}: its {CLASS_NAMES_KEY} metadata is not JSON ({e})") from None
-    return check_class_names(names, config, f"{path}: {CLASS_NAMES_KEY} metadata")
+    names = checkpoints.detect.metadata_json(checkpoints.io.file_metadata(path), CLASS_NAMES_KEY, str(path))
+    return None if names is None else check_class_names(names, config, f"{path}: {CLASS_NAMES_KEY} metadata")
 
 
 def _read_words(path: Path) -> list[str] | None:

@@ -124,16 +124,21 @@ def _infer_config(sd: StateDict, family: str) -> ModelConfig:
     return SD21.replace(unet=unet, vae=vae, text=text)
 
 
-def config_from_metadata(metadata: dict[str, str], where: str = "file") -> ModelConfig | None:
-    """The `sdtorch_config` a file's metadata holds (None where it has none); `where` names the file."""
-    raw = metadata.get("sdtorch_config")
+def metadata_json(metadata: dict[str, str], key: str, where: str = "file"):
+    """The JSON value a file's metadata holds under `key` (None where it has none); `where` names the file."""
+    raw = metadata.get(key)
     if raw is None:
         return None
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
     except ValueError as e:
-        raise CheckpointError(f"{where}: its sdtorch_config metadata is not JSON ({e})") from None
-    return config_from_json(data, f"{where}: sdtorch_config metadata")
+        raise CheckpointError(f"{where}: its {key} metadata is not JSON ({e})") from None
+
+
+def config_from_metadata(metadata: dict[str, str], where: str = "file") -> ModelConfig | None:
+    """The `sdtorch_config` a file's metadata holds (None where it has none); `where` names the file."""
+    data = metadata_json(metadata, "sdtorch_config", where)
+    return None if data is None else config_from_json(data, f"{where}: sdtorch_config metadata")
 
 
 PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}

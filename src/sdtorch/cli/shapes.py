@@ -59,8 +59,9 @@ def _evaluate_untexted(args, model, out: Path, refs: list) -> None:
     wrong = "--n-images" if kind == "class" and args.n_images is not None else \
         "--n-per-class" if kind == "none" and args.n_per_class is not None else None
     what = "class-conditional" if kind == "class" else "unconditional"
-    for flag in [*given, *([wrong] if wrong else []), *(["--lora"] if refs else [])]:
-        raise SDTorchError(f"{flag} is not for a {what} model ({args.model}); it takes "
+    refused = [*given, *([wrong] if wrong else []), *(["--lora"] if refs else [])]
+    if refused:
+        raise SDTorchError(f"{refused[0]} is not for a {what} model ({args.model}); it takes "
                            + ("--n-per-class" if kind == "class" else "--n-images"))
     n = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in UNTEXTED_COUNTS.items()}
     for key, value in n.items():

@@ -94,6 +94,9 @@ def setup(args: LoraTrainArgs) -> LoraRun:
 
     args.check()
     base = load(args.model, dtype=torch.float32)
+    if base.config.unet.conditioning != "text":
+        raise SDTorchError(f"--model {args.model}: train-lora trains LoRAs on text-conditioned models, and this one is "
+                           f"{base.config.unet.conditioning}-conditioned (no captions to learn from)")
     for module in (base.unet, base.text_encoder, base.vae):
         module.eval().requires_grad_(False)
     check_samples(args, base.config)
