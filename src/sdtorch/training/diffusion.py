@@ -29,7 +29,10 @@ from ..sampling import denoiser_for
 from ..tokenizer import CLIPTokenizer
 from . import checks, common
 from .common import REQUIRED, option
-from .data import collate, warn_missing_captions
+from .data import CONDITIONING, collate, warn_missing_captions
+
+
+DEFAULT_SAMPLE_PROMPTS = ["", "a photo"]  # --sample-prompts' default (a class model's default grid when left so)
 
 
 @dataclass(kw_only=True)
@@ -62,7 +65,7 @@ class DiffusionArgs(common.RunArgs):
                        "sample's noise, so a run repeats exactly")
     val_every: int = option(100, "output", "steps between validation losses and redraws of loss.png")
     sample_every: int = option(0, "output", "steps between sample grids in samples/; 0: only the final one")
-    sample_prompts: list[str] = option(["", "a photo"], "output", "the sample grid's prompts, one image each; "
+    sample_prompts: list[str] = option(DEFAULT_SAMPLE_PROMPTS, "output", "the sample grid's prompts, one image each; "
                                        "for a class model its class names or indices (left at the default: up to 8 "
                                        "of its classes), for an unconditional one 4 seeds whatever is given")
     sample_steps: int = option(20, "output", "sampler steps for each sample image")
@@ -85,9 +88,7 @@ class DiffusionArgs(common.RunArgs):
                                "--no-random-flip")
 
 
-CONDITIONING = ("text", "class", "none")
 CLASS_EMBEDDINGS = ("context", "time")
-DEFAULT_SAMPLE_PROMPTS = ["", "a photo"]
 UNTEXTED_GRID = 4  # images in an unconditional model's sample grid (seeds 0..3)
 CLASS_GRID = 8  # classes in a class model's default sample grid, evenly spread over its labels
 
