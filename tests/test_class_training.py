@@ -151,7 +151,7 @@ BAD_FLAGS = [
     (["--max-length", "8"], ["--max-length", "no text encoder"]),
     (["--conditioning", "text", "--class-embedding", "time"], ["--class-embedding", "--conditioning class"]),
     (["--conditioning", "pixels"], ["--conditioning", "pixels"]),
-    (["--sample-prompts", "teal-circle"], ["--sample-prompts", "teal-circle", "not one of the 20 classes"]),
+    (["--sample-prompts", "teal-circle"], ["--sample-prompts", "unknown class 'teal-circle'"]),
 ]
 
 

@@ -34,6 +34,25 @@ CLASS_NAMES_FILE = "class_names.json"
 CLASS_NAMES_KEY = "sdtorch_class_names"  # the same list in a single file's metadata
 
 
+def class_index(value, num_classes: int, names: list[str] | None) -> int:
+    """The label of class `value` in a model of `num_classes` classes named `names` (or unnamed): one of the
+    names, or an index (an int, or a string of digits) in [0, num_classes). Anything else is an SDTorchError
+    that says what is known."""
+    names = names or []
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < num_classes:
+            return value
+        raise SDTorchError(f"class index {value} is out of range: the model has {num_classes} classes "
+                           f"(0 to {num_classes - 1})")
+    last = num_classes - 1
+    known = f"its classes are {', '.join(names)}" if names else f"it names no classes; give an index 0 to {last}"
+    raise SDTorchError(f"unknown class {value!r}: {known}")
+
+
 class StableDiffusion:
     """`unet`, `vae`, `text_encoder`, `tokenizer` and `config` of one Stable Diffusion model, and the model's
     own generation `defaults` (a subset of GENERATION_DEFAULTS' keys) and prompt `vocabulary` (the words
@@ -62,23 +81,13 @@ class StableDiffusion:
         return {name: m for name, m in present.items() if m is not None}
 
     def class_label(self, value) -> int:
-        """A class-conditional model's label for `value`: one of its class names, or an index (an int, or a
-        string of digits) in [0, num_classes). Anything else is an SDTorchError that says what is known."""
+        """A class-conditional model's label for `value` (`class_index`'s rule); a text or unconditional model
+        takes no class, which is an SDTorchError."""
         n = self.config.unet.num_classes
         if n is None:
             raise SDTorchError(f"the model {self.name} is not class-conditional "
                                f"({self.config.unet.conditioning}-conditioned): it takes no class")
-        names = self.class_names or []
-        if isinstance(value, str) and value in names:
-            return names.index(value)
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value.strip())
-        if isinstance(value, int) and not isinstance(value, bool):
-            if 0 <= value < n:
-                return value
-            raise SDTorchError(f"class index {value} is out of range: the model has {n} classes (0 to {n - 1})")
-        known = f"its classes are {', '.join(names)}" if names else f"it names no classes; give an index 0 to {n - 1}"
-        raise SDTorchError(f"unknown class {value!r}: {known}")
+        return class_index(value, n, self.class_names)
 
     def class_name(self, label: int) -> str:
         """How the PNG parameters and the CLI show label `label`: its name, or the index."""

@@ -306,15 +306,14 @@ def sample_items(args: TrainArgs, config: ModelConfig, class_names: list[str] | 
     if args.sample_prompts == DEFAULT_SAMPLE_PROMPTS:
         labels = sorted({round(k * (n - 1) / max(1, min(n, CLASS_GRID) - 1)) for k in range(min(n, CLASS_GRID))})
     else:
+        from ..pipeline import class_index
+
         labels = []
         for value in args.sample_prompts:
-            if value in names:
-                labels.append(names.index(value))
-            elif value.strip().isdigit() and int(value) < n:
-                labels.append(int(value))
-            else:
-                raise SDTorchError(f"--sample-prompts: {value!r} is not one of the {n} classes "
-                                   f"({', '.join(names[:CLASS_GRID])}{', ...' if n > CLASS_GRID else ''})")
+            try:
+                labels.append(class_index(value, n, class_names))
+            except SDTorchError as e:
+                raise SDTorchError(f"--sample-prompts: {e}") from None
     return [(names[label], {"prompt": "", "class_label": label}) for label in labels]
 
 
