@@ -15,16 +15,16 @@
 # with no label at all.
 # With PARALLEL=1 the two UNets train side by side, one thread each; PARALLEL=0 (the default) runs them one
 # after the other with every thread. The figures in docs/class-models.md: the class UNet (8,000 steps, time
-# embedding: 63 min on one thread, side by side with the same run at CLASS_EMBEDDING=context), the
-# unconditional UNet from a PARALLEL=1 run (24 min); earlier class runs are in the docs' history.
+# embedding: 63 min on one thread, side by side with the same run at CLASS_EMBEDDING=context), and the
+# unconditional UNet on one thread (39 min, beside other jobs); earlier runs are in the docs' history.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 CLASS_STEPS=${CLASS_STEPS:-8000}  # optimizer steps of the class UNet, batch 32
 CLASS_EMBEDDING=${CLASS_EMBEDDING:-time}  # how the class UNet takes its class: time or context
-UNCOND_STEPS=${UNCOND_STEPS:-3000}  # the same for the unconditional UNet
+UNCOND_STEPS=${UNCOND_STEPS:-6000}  # the same for the unconditional UNet (the built-in text model's 6,000)
 CLASS_EMA=${CLASS_EMA:-0.9995}  # EMA decay (the built-in model's)
-UNCOND_EMA=${UNCOND_EMA:-0.999}
+UNCOND_EMA=${UNCOND_EMA:-0.9995}
 VAE=${VAE:-src/sdtorch/data/shapes-model}  # the frozen autoencoder: the built-in model's
 PARALLEL=${PARALLEL:-0}
 BF16=$(python -c 'from sdtorch.precision import native_bf16; print("--bf16" if native_bf16() else "")')  # fp32 where bf16 is emulated
