@@ -84,6 +84,22 @@ def test_a_request_that_does_not_fit_the_conditioning_is_one_line(which, kwargs,
         model.txt2img(kwargs.pop("prompt"), steps=1, **kwargs)
 
 
+def test_class_index_reads_names_and_indices_and_keeps_a_long_list_short():
+    from sdtorch.pipeline import SHOWN_CLASSES, class_index
+    names = [f"class{i}" for i in range(1000)]
+    assert class_index("class7", 1000, names) == 7
+    assert class_index(" 12 ", 1000, names) == 12 and class_index(999, 1000, None) == 999
+    with pytest.raises(sdtorch.SDTorchError) as error:
+        class_index("dog", 1000, names)
+    message = str(error.value)
+    assert message.startswith("unknown class 'dog': its classes are class0, class1,") and "\n" not in message
+    assert f"class{SHOWN_CLASSES - 1}, ... (1000 in all)" in message and f"class{SHOWN_CLASSES}," not in message
+    with pytest.raises(sdtorch.SDTorchError, match="it names no classes; give an index 0 to 3"):
+        class_index("dog", 4, None)
+    with pytest.raises(sdtorch.SDTorchError, match="unknown class True"):
+        class_index(True, 4, None)
+
+
 def test_class_names_must_fit_the_model():
     model = sdtorch.build(CLASS)
     for names in (["a", "b"], ["a", "a", "b"], ["a", "b", "7"]):

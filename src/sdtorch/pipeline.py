@@ -32,6 +32,7 @@ VOCABULARY_FILE = "prompt_vocabulary.json"
 # A class-conditional model's class names, label i the i-th (a JSON list of strings), so a request may name a class.
 CLASS_NAMES_FILE = "class_names.json"
 CLASS_NAMES_KEY = "sdtorch_class_names"  # the same list in a single file's metadata
+SHOWN_CLASSES = 20  # an unknown-class error lists this many names (an ImageNet model has 1,000)
 
 
 def class_index(value, num_classes: int, names: list[str] | None) -> int:
@@ -48,8 +49,8 @@ def class_index(value, num_classes: int, names: list[str] | None) -> int:
             return value
         raise SDTorchError(f"class index {value} is out of range: the model has {num_classes} classes "
                            f"(0 to {num_classes - 1})")
-    last = num_classes - 1
-    known = f"its classes are {', '.join(names)}" if names else f"it names no classes; give an index 0 to {last}"
+    shown = ", ".join(names[:SHOWN_CLASSES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_CLASSES else "")
+    known = f"its classes are {shown}" if names else f"it names no classes; give an index 0 to {num_classes - 1}"
     raise SDTorchError(f"unknown class {value!r}: {known}")
 
 
