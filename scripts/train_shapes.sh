@@ -29,6 +29,7 @@ VAE_BF16=${VAE_BF16-$NATIVE_BF16}  # the autoencoder stage in bf16 autocast (1.7
 UNET_BF16=${UNET_BF16-$NATIVE_BF16}  # the same for the UNet stage; UNET_BF16= for fp32
 DECODER_BF16=${DECODER_BF16:-$VAE_BF16}  # the same for the decoder fine-tune (defaults to VAE_BF16)
 EDGE_WEIGHT=${EDGE_WEIGHT:-1}  # the decoder fine-tune's gradient difference loss weight (train-vae --edge-weight)
+VAE_EDGE_WEIGHT=${VAE_EDGE_WEIGHT:-0}  # the same for the autoencoder stage (0: L1 + KL alone, v11)
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
 MAX_LENGTH=${MAX_LENGTH:-24}  # token positions per caption (train --max-length; the longest caption is 23); empty: the tokenizer's
 TOKENIZER=${TOKENIZER:-src/sdtorch/data/shapes-model}  # the shipped model's tokenizer (its ids); or captions, or another folder
@@ -58,7 +59,7 @@ fi
 [ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae" \
   --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
   --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start \
-  ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
+  --edge-weight "$VAE_EDGE_WEIGHT" ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
 
 # 3. the UNet and a text encoder from scratch, on cached latents, with the tokenizer above; or, with
 #    TEXT_ENCODER=MODEL, the UNet alone against that model's text encoder and tokenizer, frozen
