@@ -263,6 +263,12 @@ def _wild(low, high, slow_from, slow_to):
     return st.integers(low, high).filter(lambda v: not slow_from <= v <= slow_to).map(str)
 
 
+# What a real command line can hold: any text but NUL, and no lone surrogate (a shell's argv is bytes, which Python
+# decodes with surrogateescape, giving only U+DC80..U+DCFF, and the harness makes that round trip; an argument such
+# as U+D800 cannot reach a real process, and the harness itself raised on it). Non-UTF-8 bytes are tested with
+# a bytes argument above (negative-not-utf8).
+ARGV_CHARS = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
+
 FLAGS = {
     "-W": _values(st.sampled_from(["8", "16", "24"]), _wild(-10**6, 10**6, 33, 4096)),
     "-H": _values(st.sampled_from(["8", "16", "32"]), _wild(-10**6, 10**6, 33, 4096)),
@@ -272,13 +278,13 @@ FLAGS = {
     "-b": _values(st.sampled_from(["1", "2"]), _wild(-5, 1000, 3, 100)),
     "--clip-skip": _values(st.sampled_from(["1", "2"]), st.integers(-5, 50).map(str)),
     "--sampler": _values(st.sampled_from(list(SAMPLERS)), st.text(max_size=8)),
-    "-n": st.text(st.characters(blacklist_characters="\x00"), max_size=30),
+    "-n": st.text(ARGV_CHARS, max_size=30),
 }
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
-@given(prompt=st.text(st.characters(blacklist_characters="\x00"), max_size=40),
+@given(prompt=st.text(ARGV_CHARS, max_size=40),
        flags=st.fixed_dictionaries({}, optional=FLAGS), karras=st.booleans())
 def test_arbitrary_generation_flags_give_an_image_or_one_clean_line(cli, data, tmp_path_factory, prompt, flags,
                                                                     karras):
