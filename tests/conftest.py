@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import warnings
 
+import pytest
+import torch
+
 # pytest-xdist (`-n`, set in pyproject.toml's addopts) runs the suite in several worker processes: each gets an
 # equal share of the cores for torch and for the subprocesses it starts (the CLI, torchrun), so the workers do
 # not oversubscribe the machine. A value the user set wins.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-if _WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 warnings.filterwarnings("ignore", category=FutureWarning)
