@@ -24,6 +24,7 @@ VAE_STEPS=${VAE_STEPS:-2000}
 UNET_STEPS=${UNET_STEPS:-6000}
 DECODER_STEPS=${DECODER_STEPS:-1000}
 VAE_COLORS=${VAE_COLORS:-palette}  # the autoencoder's data: palette (the caption data, v11) or random (stage 1b, v12)
+VAE_RETRAIN=${VAE_RETRAIN:-}  # e.g. "1e-4:1500 3e-4:1500" (v15): stage 2c, LR:STEPS a term; empty: no stage 2b/2c (v11-v14)
 NATIVE_BF16=$(python -c 'from sdtorch.precision import native_bf16; print("--bf16" if native_bf16() else "")')  # empty (fp32) where bf16 is emulated
 VAE_BF16=${VAE_BF16-$NATIVE_BF16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second where native); VAE_BF16= for fp32
 UNET_BF16=${UNET_BF16-$NATIVE_BF16}  # the same for the UNet stage; UNET_BF16= for fp32
@@ -49,10 +50,11 @@ mkdir -p "$RUNS"
 #     v14 (VAE_COLORS=random DECODER_STEPS=2000 TEXT_ENCODER=src/sdtorch/data/shapes-model UNET_STEPS=8000)
 #     gave 93.3 / 90.0 / 91.7% at guidance 2: seen one image short, at its autoencoder's ceiling of 95%.
 VAE_DATA="$RUNS/shapes-train"
-if [ "$VAE_COLORS" = random ]; then
-  VAE_DATA="$RUNS/shapes-vae-train"
-  [ -f "$VAE_DATA/019999.txt" ] || sdtorch make-shapes "$VAE_DATA" --count 20000 --seed 1 --random-colors
+RANDOM_DATA="$RUNS/shapes-vae-train"
+if [ "$VAE_COLORS" = random ] || [ -n "$VAE_RETRAIN" ]; then
+  [ -f "$RANDOM_DATA/019999.txt" ] || sdtorch make-shapes "$RANDOM_DATA" --count 20000 --seed 1 --random-colors
 fi
+[ "$VAE_COLORS" = random ] && VAE_DATA="$RANDOM_DATA"
 
 # 2. the autoencoder (4x down, 16x16x4 latents, no self-attention in the middle blocks: the SHAPES
 #    preset); L1 + KL, no adversarial loss; scaling factor measured
@@ -60,6 +62,30 @@ fi
   --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
   --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start \
   --edge-weight "$VAE_EDGE_WEIGHT" ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
+VAE="$RUNS/shapes-vae/vae"  # the autoencoder the UNet's latents come from
+
+# 2b, 2c. with VAE_RETRAIN (v15): stage 2's autoencoder is first made v11's, by v11's decoder fine-tune (as 3b
+#     below, on stage 2's data, 1,000 steps, edge term 1), and then trained on, encoder and decoder, on the
+#     random-colour data, one stage per LR:STEPS term, each from the one before (L1 + KL, no edge term, 100
+#     warm-up steps). v11's palette codec keeps its shapes (a seen round-trip ceiling of 60 of 60, which no
+#     autoencoder trained from scratch on the random-colour data reached) and learns colours it never saw
+#     (teal: 0 of 100 before, 100 of 100 after "1e-4:1500 3e-4:1500"; docs/shapes-model.md, History).
+if [ -n "$VAE_RETRAIN" ]; then
+  [ -f "$RUNS/shapes-vae-v11/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae-v11" \
+    --init "$VAE" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 --max-steps 1000 \
+    --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --edge-weight 1 \
+    --seed 0 --resume-or-start
+  VAE="$RUNS/shapes-vae-v11/vae"
+  i=0
+  for term in $VAE_RETRAIN; do
+    i=$((i + 1))
+    [ -f "$RUNS/shapes-vae-retrain$i/vae/config.json" ] || sdtorch train-vae "$RANDOM_DATA" "$RUNS/shapes-vae-retrain$i" \
+      --init "$VAE" --resolution 64 --batch-size 16 --lr "${term%%:*}" --warmup 100 --max-steps "${term##*:}" \
+      --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --edge-weight 0 \
+      --seed 0 --resume-or-start
+    VAE="$RUNS/shapes-vae-retrain$i/vae"
+  done
+fi
 
 # 3. the UNet and a text encoder from scratch, on cached latents, with the tokenizer above; or, with
 #    TEXT_ENCODER=MODEL, the UNet alone against that model's text encoder and tokenizer, frozen
@@ -69,7 +95,7 @@ else
   TEXT=(--text-encoder "$TEXT_ENCODER")
 fi
 [ -f "$RUNS/shapes-unet/model/model_index.json" ] || sdtorch train "$RUNS/shapes-train" "$RUNS/shapes-unet" \
-  --vae "$RUNS/shapes-vae/vae" --config shapes "${TEXT[@]}" --resolution 64 --cache-latents \
+  --vae "$VAE" --config shapes "${TEXT[@]}" --resolution 64 --cache-latents \
   --batch-size 32 --lr 5e-4 --warmup 300 --max-steps "$UNET_STEPS" --ema-decay 0.9995 --caption-dropout 0.1 $UNET_BF16 \
   --val-every 500 --checkpoint-every 250 --sample-every 1000 --seed 0 --resume-or-start \
   --sample-prompts "a large red circle in the top left on a white background" \
@@ -79,10 +105,14 @@ fi
 # 3b. the decoder trained further with the encoder frozen (as SD's ft-MSE VAE): the latents, so the UNet
 #     above, are unchanged. Held-out PSNR 32.17 dB before it; 33.61 dB after it with L1 alone (v7), and
 #     34.54 dB (validation) with the edge term, which also sharpens small squares on gray (docs/shapes-model.md).
-[ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae-ft" \
-  --init "$RUNS/shapes-vae/vae" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
-  --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 --checkpoint-every 250 \
-  --edge-weight "$EDGE_WEIGHT" --seed 0 --resume-or-start
+#     DECODER_STEPS=0 skips it (v15: its stage-2c decoder is shipped as it is).
+if [ "$DECODER_STEPS" -gt 0 ]; then
+  [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae-ft" \
+    --init "$VAE" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
+    --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 \
+    --checkpoint-every 250 --edge-weight "$EDGE_WEIGHT" --seed 0 --resume-or-start
+  VAE="$RUNS/shapes-vae-ft/vae"
+fi
 
 # 4. ship it: the EMA weights and the fine-tuned decoder in fp16 inside the package, where
 #    sdtorch.load("shapes") finds it, with its defaults guidance 1.5 and 10 steps: the best overall exact
@@ -90,6 +120,6 @@ fi
 #    guidance), of guidance 1.5/2/3 at 10 steps and 1.5/2 at 15 (v7 was swept over 10/15/20 and got 3).
 #    A retrained model should be swept again and these set from it.
 rm -rf "$MODEL_OUT"
-sdtorch convert "$RUNS/shapes-unet/model" "$MODEL_OUT" --vae "$RUNS/shapes-vae-ft/vae" \
+sdtorch convert "$RUNS/shapes-unet/model" "$MODEL_OUT" --vae "$VAE" \
   --save-dtype fp16 --default-guidance 1.5 --default-steps 10
 python scripts/shapes_vocabulary.py "$MODEL_OUT"  # the words of its captions, for the unknown-word warning
