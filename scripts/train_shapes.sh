@@ -3,13 +3,19 @@
 # Every stage resumes (--resume-or-start) if the script is run again after an interruption.
 #   bash scripts/train_shapes.sh            # writes runs/shapes-*, then copies the model into the package
 #
-# The defaults are the recipe of the shipped model (v11): 69.2 min end to end, from an empty run folder,
-# on the 2026-11-27 machine (data 14 s, autoencoder in bf16 11.0 min, latent cache 1.8 min, UNet 51.1 min,
-# decoder fine-tune and stage 4 5.1 min). Exact match at its swept defaults (dpmpp_2m, 10 steps, guidance
-# 1.5): 100 / 90.0 / 100%. What v11 changed from v7 (83.0 min on a faster machine, 106.9 min on a slower
+# The defaults are the recipe of the shipped model (v15): the autoencoder is v11's (stages 2 and 2b: a palette
+# codec), trained on renders in random colours too (stage 2c), so it also draws colours it never saw (teal);
+# the UNet is trained 8,000 steps on its latents against v11's text encoder, frozen (the shipped one; v11 trained
+# it from scratch with its UNet: TEXT_ENCODER=scratch). Not timed end to end: its stages took 11.0 + 5.1 (v11's,
+# 2026-11-27), 18.2 + 18.4 (one thread each) and 98.2 min (UNet, two threads, 2026-12-03), about 151 min in all.
+# Exact match at its swept defaults (dpmpp_2m, 10 steps, guidance 1.5): 100 / 100 / 95.0%; the teal LoRA
+# (scripts/train_teal_lora.sh) on it: teal 0% -> 87% exact (colour 98%), no other split down.
+# v11's recipe (69.2 min on the 2026-11-27 machine; 100 / 90.0 / 100% at guidance 1.5; no teal):
+# VAE_RETRAIN= DECODER_STEPS=1000 UNET_STEPS=6000 TEXT_ENCODER=scratch GUIDANCE=1.5.
+# What v11 changed from v7 (83.0 min on a faster machine, 106.9 min on a slower
 # one; 100 / 90.0 / 95.0%): captions padded to 24 token positions instead of 77 (MAX_LENGTH), the UNet
 # 6,000 steps instead of 8,000 (UNET_STEPS), and the decoder fine-tune with an edge term (EDGE_WEIGHT).
-# v7's recipe: MAX_LENGTH=77 UNET_STEPS=8000 EDGE_WEIGHT=0, and --default-guidance 3 in stage 4.
+# v7's recipe: v11's with MAX_LENGTH=77 UNET_STEPS=8000 EDGE_WEIGHT=0 GUIDANCE=3.
 # v4's recipe (VAE_BF16= DECODER_STEPS=2000: both autoencoder stages in fp32, the decoder fine-tuned
 # 2,000 steps) took 153 min with the trainers of 2026-11-26 and gave 100 / 90.0 / 96.7%.
 # The caption tokenizer is the shipped one (TOKENIZER below): v7's BPE came from HF's trainer, which
@@ -21,10 +27,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 VAE_STEPS=${VAE_STEPS:-2000}
-UNET_STEPS=${UNET_STEPS:-6000}
-DECODER_STEPS=${DECODER_STEPS:-1000}
+UNET_STEPS=${UNET_STEPS:-8000}
+DECODER_STEPS=${DECODER_STEPS:-0}  # stage 3b; 0 skips it (v15); 1000 for v11
 VAE_COLORS=${VAE_COLORS:-palette}  # the autoencoder's data: palette (the caption data, v11) or random (stage 1b, v12)
-VAE_RETRAIN=${VAE_RETRAIN:-}  # e.g. "1e-4:1500 3e-4:1500" (v15): stage 2c, LR:STEPS a term; empty: no stage 2b/2c (v11-v14)
+VAE_RETRAIN=${VAE_RETRAIN-1e-4:1500 3e-4:1500}  # stage 2c (v15), LR:STEPS a term; VAE_RETRAIN= : no stage 2b/2c (v11-v14)
 NATIVE_BF16=$(python -c 'from sdtorch.precision import native_bf16; print("--bf16" if native_bf16() else "")')  # empty (fp32) where bf16 is emulated
 VAE_BF16=${VAE_BF16-$NATIVE_BF16}  # the autoencoder stage in bf16 autocast (1.7x the steps per second where native); VAE_BF16= for fp32
 UNET_BF16=${UNET_BF16-$NATIVE_BF16}  # the same for the UNet stage; UNET_BF16= for fp32
@@ -34,19 +40,20 @@ VAE_EDGE_WEIGHT=${VAE_EDGE_WEIGHT:-0}  # the same for the autoencoder stage (0: 
 LOGVAR_INIT=${LOGVAR_INIT:-}  # e.g. -6: the autoencoder's posterior log-variance at the start (train-vae --logvar-init); empty: the default init
 MAX_LENGTH=${MAX_LENGTH:-24}  # token positions per caption (train --max-length; the longest caption is 23); empty: the tokenizer's
 TOKENIZER=${TOKENIZER:-src/sdtorch/data/shapes-model}  # the shipped model's tokenizer (its ids); or captions, or another folder
-TEXT_ENCODER=${TEXT_ENCODER:-scratch}  # scratch: trained with the UNet; or a model folder whose text encoder stays frozen
+TEXT_ENCODER=${TEXT_ENCODER:-src/sdtorch/data/shapes-model}  # a model folder whose text encoder stays frozen (v15: the shipped one, v11's); scratch: trained with the UNet (v11)
 MODEL_OUT=${MODEL_OUT:-src/sdtorch/data/shapes-model}  # where stage 4 writes the model (the package's folder)
+GUIDANCE=${GUIDANCE:-1.5}  # the default guidance stage 4 writes (swept: scripts/eval_shapes.sh, step 1)
 
 mkdir -p "$RUNS"
 
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
 
-# 1b. with VAE_COLORS=random, the autoencoder's data: 20,000 more renders whose backgrounds and objects are,
-#     with even odds, palette or uniformly random colours (none within 40 of teal, so teal stays unseen; seed 1).
-#     An autoencoder trained on the palette alone is a palette codec (it draws teal as blue); this makes it an
-#     image codec. v12 (VAE_COLORS=random DECODER_STEPS=2000) drew teal but its UNet missed the targets
-#     (docs/shapes-model.md, History), so the default stays v11's palette data.
+# 1b. for stage 2c (or stage 2 with VAE_COLORS=random), the autoencoder's data: 20,000 more renders whose
+#     backgrounds and objects are, with even odds, palette or uniformly random colours (none within 40 of teal,
+#     so teal stays unseen; seed 1). An autoencoder trained on the palette alone is a palette codec (it draws
+#     teal as blue); this makes it an image codec. v12 (VAE_COLORS=random DECODER_STEPS=2000 VAE_RETRAIN=), from
+#     random weights on it, drew teal but its UNet missed the targets (docs/shapes-model.md, History).
 #     v14 (VAE_COLORS=random DECODER_STEPS=2000 TEXT_ENCODER=src/sdtorch/data/shapes-model UNET_STEPS=8000)
 #     gave 93.3 / 90.0 / 91.7% at guidance 2: seen one image short, at its autoencoder's ceiling of 95%.
 VAE_DATA="$RUNS/shapes-train"
@@ -54,7 +61,7 @@ RANDOM_DATA="$RUNS/shapes-vae-train"
 if [ "$VAE_COLORS" = random ] || [ -n "$VAE_RETRAIN" ]; then
   [ -f "$RANDOM_DATA/019999.txt" ] || sdtorch make-shapes "$RANDOM_DATA" --count 20000 --seed 1 --random-colors
 fi
-[ "$VAE_COLORS" = random ] && VAE_DATA="$RANDOM_DATA"
+if [ "$VAE_COLORS" = random ]; then VAE_DATA="$RANDOM_DATA"; fi
 
 # 2. the autoencoder (4x down, 16x16x4 latents, no self-attention in the middle blocks: the SHAPES
 #    preset); L1 + KL, no adversarial loss; scaling factor measured
@@ -114,12 +121,12 @@ if [ "$DECODER_STEPS" -gt 0 ]; then
   VAE="$RUNS/shapes-vae-ft/vae"
 fi
 
-# 4. ship it: the EMA weights and the fine-tuned decoder in fp16 inside the package, where
-#    sdtorch.load("shapes") finds it, with its defaults guidance 1.5 and 10 steps: the best overall exact
-#    match on validation prompts for v11 (scripts/eval_shapes.sh, step 1; ties to fewer steps, then lower
-#    guidance), of guidance 1.5/2/3 at 10 steps and 1.5/2 at 15 (v7 was swept over 10/15/20 and got 3).
-#    A retrained model should be swept again and these set from it.
+# 4. ship it: the EMA weights and the autoencoder in fp16 inside the package, where sdtorch.load("shapes")
+#    finds it, with its defaults 10 steps and guidance GUIDANCE: the best overall exact match on validation
+#    prompts (scripts/eval_shapes.sh, step 1; ties to fewer steps, then lower guidance); v15 was swept over
+#    guidance 1.5/2/3 at 10 steps and got 1.5, v11 got 1.5 (also over 1.5/2 at 15), v7 3 (over 10/15/20 steps).
+#    A retrained model should be swept again and GUIDANCE set from it.
 rm -rf "$MODEL_OUT"
 sdtorch convert "$RUNS/shapes-unet/model" "$MODEL_OUT" --vae "$VAE" \
-  --save-dtype fp16 --default-guidance 1.5 --default-steps 10
+  --save-dtype fp16 --default-guidance "$GUIDANCE" --default-steps 10
 python scripts/shapes_vocabulary.py "$MODEL_OUT"  # the words of its captions, for the unknown-word warning

@@ -16,6 +16,7 @@ import sdtorch
 from sdtorch import checkpoints
 from sdtorch.data import shapes
 from sdtorch.evaluation import analyse, autoencoder_roundtrip, shapes_prompts
+from sdtorch.lora.adapters import builtin_dir
 from sdtorch.pipeline import builtin_path
 
 needs_model = pytest.mark.skipif(builtin_path("shapes") is None, reason="built-in model not installed")
@@ -60,11 +61,15 @@ def test_samplers_at_50_steps_on_the_fp16_model(sampler):
 
 @needs_model
 def test_builtin_autoencoder_reproduces_its_world():
-    """The shipped VAE (no middle attention, decoder fine-tuned with the encoder frozen) reads back the
-    renders of 32 prompts, held-out pairs included: 32 of 32 when measured."""
+    """The shipped VAE (no middle attention; trained on palette and random-colour renders, teal excluded) reads
+    back the renders of 32 prompts, held-out pairs included, and of 8 teal prompts, a colour it never saw: 32 of
+    32 and 8 of 8 when measured. One miss is allowed in each: a render near a grader threshold (a small object's
+    fill, a colour's distance) can flip with the float rounding of another CPU's kernels."""
     model = sdtorch.load("shapes")
-    report = autoencoder_roundtrip(model.vae, shapes_prompts(seed=0, n_seen=12, n_heldout=8, n_two=12))
-    assert report["overall"]["exact"]["correct"] >= 31, report["overall"]
+    report = autoencoder_roundtrip(model.vae, shapes_prompts(seed=0, n_seen=12, n_heldout=8, n_two=12, n_teal=8))
+    splits = report["splits"]
+    assert sum(splits[k]["exact"]["correct"] for k in ("seen", "heldout", "two")) >= 31, splits
+    assert splits["teal"]["exact"]["correct"] >= 7, splits["teal"]
 
 
 @needs_model
@@ -94,6 +99,31 @@ def test_generate_cli_uses_the_builtin_model(tmp_path):
     code, out, err = run_cli("replay", tmp_path / "a.png")
     assert code == 0, err
     assert analyse.grade(Image.open(tmp_path / "a-replay.png"), CASES[0][0])["exact"]
+
+
+# a one-object teal prompt of the teal evaluation (`eval shapes --n-teal 100`, seed 0) that the model draws teal
+# only with the LoRA, both read back exactly at the model's defaults
+TEAL_CASE = ("a large teal circle in the center on a black background", 164)
+
+
+@needs_model
+def test_builtin_teal_lora_teaches_the_model_teal(tmp_path):
+    """The shipped LoRA `teal` (sdtorch/data/loras), found by name, turns a prompt the base model draws in
+    another colour into a teal image; unloading it gives the base model's image back bit for bit."""
+    path = builtin_dir() / "teal.safetensors"
+    assert path.is_file() and path.stat().st_size < 1_000_000
+    model = sdtorch.load("shapes")
+    prompt, seed = TEAL_CASE
+    before = model.txt2img(prompt, seed=seed, output_type="tensor")
+    assert not analyse.grade(model.txt2img(prompt, seed=seed)[0], prompt)["exact"]
+    model.load_lora("teal")
+    result = analyse.grade(model.txt2img(prompt, seed=seed)[0], prompt)
+    assert result["exact"], result
+    model.unload_lora("teal")
+    assert torch.equal(model.txt2img(prompt, seed=seed, output_type="tensor"), before)
+    code, out, err = run_cli("generate", prompt, "--seed", str(seed), "--lora", "teal", "-o", tmp_path / "t.png")
+    assert code == 0, err
+    assert analyse.grade(Image.open(tmp_path / "t.png"), prompt)["exact"]
 
 
 def test_make_shapes_feeds_both_trainers(tmp_path):
