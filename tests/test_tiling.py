@@ -204,9 +204,11 @@ def test_tiled_encode_matches_untiled(shapes_case):
         tiled = tiling.encode(vae, image, tile=96, overlap=32)  # 4x4 tiles of 96 px
         decoded = vae.decode(tiled)
     assert tiled.shape == latents.shape
-    # measured 47.53 dB and max 0.183 between the two decodes; 31.46 dB against the image (untiled: 31.60)
-    assert psnr(decoded, untiled).item() > 45.0
-    assert (decoded - untiled).abs().max().item() < 0.25
+    # measured with v15's autoencoder: 43.59 dB and max 0.250 between the two decodes (v11's: 47.53 dB, max 0.183;
+    # the encoder reads further past a tile's edge); 40 dB and 0.35 leave room for another CPU's rounding, and the
+    # last line, against the image itself, is what a seam would fail
+    assert psnr(decoded, untiled).item() > 40.0
+    assert (decoded - untiled).abs().max().item() < 0.35
     assert psnr(decoded, image).item() > psnr(untiled, image).item() - 0.5
 
 
