@@ -46,6 +46,14 @@ GUIDANCE=${GUIDANCE:-1.5}  # the default guidance stage 4 writes (swept: scripts
 
 mkdir -p "$RUNS"
 
+# one autoencoder stage: train-vae DATA OUT with the flags every stage shares, skipped once OUT/vae exists
+vae_stage() {
+  local data=$1 out=$2
+  shift 2
+  [ -f "$out/vae/config.json" ] || sdtorch train-vae "$data" "$out" --resolution 64 --batch-size 16 --warmup 100 \
+    --kl-weight 1e-6 --disc-start 1000000 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start "$@"
+}
+
 # 1. the data: 20,000 captioned 64 px images, no held-out colour-shape pair, no teal (seed 0)
 [ -f "$RUNS/shapes-train/019999.txt" ] || sdtorch make-shapes "$RUNS/shapes-train" --count 20000 --seed 0
 
@@ -65,9 +73,7 @@ if [ "$VAE_COLORS" = random ]; then VAE_DATA="$RANDOM_DATA"; fi
 
 # 2. the autoencoder (4x down, 16x16x4 latents, no self-attention in the middle blocks: the SHAPES
 #    preset); L1 + KL, no adversarial loss; scaling factor measured
-[ -f "$RUNS/shapes-vae/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae" \
-  --config shapes --resolution 64 --batch-size 16 --lr 3e-4 --warmup 100 --max-steps "$VAE_STEPS" \
-  --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --seed 0 --resume-or-start \
+vae_stage "$VAE_DATA" "$RUNS/shapes-vae" --config shapes --lr 3e-4 --max-steps "$VAE_STEPS" $VAE_BF16 \
   --edge-weight "$VAE_EDGE_WEIGHT" ${LOGVAR_INIT:+--logvar-init "$LOGVAR_INIT"}
 VAE="$RUNS/shapes-vae/vae"  # the autoencoder the UNet's latents come from
 
@@ -78,18 +84,14 @@ VAE="$RUNS/shapes-vae/vae"  # the autoencoder the UNet's latents come from
 #     autoencoder trained from scratch on the random-colour data reached) and learns colours it never saw
 #     (teal: 0 of 100 before, 100 of 100 after "1e-4:1500 3e-4:1500"; docs/shapes-model.md, History).
 if [ -n "$VAE_RETRAIN" ]; then
-  [ -f "$RUNS/shapes-vae-v11/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae-v11" \
-    --init "$VAE" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 --max-steps 1000 \
-    --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --edge-weight 1 \
-    --seed 0 --resume-or-start
+  vae_stage "$VAE_DATA" "$RUNS/shapes-vae-v11" --init "$VAE" --decoder-only --lr 2e-4 --max-steps 1000 $VAE_BF16 \
+    --edge-weight 1
   VAE="$RUNS/shapes-vae-v11/vae"
   i=0
   for term in $VAE_RETRAIN; do
     i=$((i + 1))
-    [ -f "$RUNS/shapes-vae-retrain$i/vae/config.json" ] || sdtorch train-vae "$RANDOM_DATA" "$RUNS/shapes-vae-retrain$i" \
-      --init "$VAE" --resolution 64 --batch-size 16 --lr "${term%%:*}" --warmup 100 --max-steps "${term##*:}" \
-      --kl-weight 1e-6 --disc-start 1000000 $VAE_BF16 --val-every 250 --checkpoint-every 250 --edge-weight 0 \
-      --seed 0 --resume-or-start
+    vae_stage "$RANDOM_DATA" "$RUNS/shapes-vae-retrain$i" --init "$VAE" --lr "${term%%:*}" --max-steps "${term##*:}" \
+      $VAE_BF16 --edge-weight 0
     VAE="$RUNS/shapes-vae-retrain$i/vae"
   done
 fi
@@ -114,10 +116,8 @@ fi
 #     34.54 dB (validation) with the edge term, which also sharpens small squares on gray (docs/shapes-model.md).
 #     DECODER_STEPS=0 skips it (v15: its stage-2c decoder is shipped as it is).
 if [ "$DECODER_STEPS" -gt 0 ]; then
-  [ -f "$RUNS/shapes-vae-ft/vae/config.json" ] || sdtorch train-vae "$VAE_DATA" "$RUNS/shapes-vae-ft" \
-    --init "$VAE" --decoder-only --resolution 64 --batch-size 16 --lr 2e-4 --warmup 100 \
-    --max-steps "$DECODER_STEPS" --kl-weight 1e-6 --disc-start 1000000 $DECODER_BF16 --val-every 250 \
-    --checkpoint-every 250 --edge-weight "$EDGE_WEIGHT" --seed 0 --resume-or-start
+  vae_stage "$VAE_DATA" "$RUNS/shapes-vae-ft" --init "$VAE" --decoder-only --lr 2e-4 --max-steps "$DECODER_STEPS" \
+    $DECODER_BF16 --edge-weight "$EDGE_WEIGHT"
   VAE="$RUNS/shapes-vae-ft/vae"
 fi
 
