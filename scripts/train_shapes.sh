@@ -7,8 +7,8 @@
 # codec), trained on renders in random colours too (stage 2c), so it also draws colours it never saw (teal);
 # the UNet is trained 8,000 steps on its latents against v11's text encoder, frozen (the shipped one; v11 trained
 # it from scratch with its UNet: TEXT_ENCODER=scratch); then the decoder alone, on the random-colour data with
-# the edge term at 3 (stage 3b). Not timed end to end: its stages took 11.0 + 5.1 (v11's, 2026-11-27), 18.2 +
-# 18.4 (one thread each), 98.2 min (UNet, two threads) and 8.5 min (3b, one thread; 2026-12-03), about 160 min.
+# the edge term at 3 (stage 3b). One run from an empty folder took 69.9 min (RUNS=runs/e2e MODEL_OUT=runs/e2e/model,
+# 2026-12-04, AVX512 with AMX-BF16, 2 threads): its model graded 100 / 97.5 / 98.3% (v16b, docs/shapes-model.md).
 # Exact match at its swept defaults (dpmpp_2m, 10 steps, guidance 1.5): 100 / 100 / 96.7%; the teal LoRA
 # (scripts/train_teal_lora.sh) on it: teal 0% -> 97% exact (colour 100%), no other split down. v15 (the same
 # with DECODER_STEPS=0): 100 / 100 / 95.0%, its LoRA 87%.

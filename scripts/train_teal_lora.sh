@@ -12,6 +12,8 @@
 # LORA_OUT=src/sdtorch/data/loras/teal.safetensors, with MIN_SNR=5, new; 2026-12-03, the same CPU, one thread):
 # 8.1 min training (8.8 with the data and latent cache), 751 KB; teal 0% -> 97% exact (colour 100%), the reported
 # prompts 100 / 100 / 96.7% unchanged. It ships as src/sdtorch/data/loras/teal.safetensors.
+# On v16b, v16's recipe run end to end (RUNS=runs/e2e-lora MODEL=runs/e2e/model LORA_OUT=runs/e2e-lora/teal.safetensors;
+# 2026-12-04, the same CPU kind, 2 threads): 3.0 min for the whole script; teal 1% -> 95% exact (colour 100%), no split down.
 # The model's autoencoder must be able to draw teal: v11's could not (a palette codec; it drew teal as blue);
 # v12's to v16's can (docs/shapes-model.md, History).
 # Stages resume (--resume-or-start) when the script is run again.
