@@ -141,6 +141,22 @@ def test_lora_info(cli, files, tmp_path):
     assert info["counts"] == {"adapters": 40, "tensors": 120, "unknown": 0}
 
 
+
+def test_lora_info_and_convert_lora_take_names_as_lora_does(cli, files, tmp_path):
+    """A name works wherever a LoRA file does, as `--lora NAME`: the built-in one, or one in --lora-dir."""
+    code, out, err = cli(["lora-info", "teal"], tmp_path)
+    assert code == 0, err
+    assert str(adapters.builtin_dir() / "teal.safetensors") in out and "format:   kohya" in out
+    code, out, err = cli(["lora-info", "named", "--lora-dir", files["folder"]], tmp_path)
+    assert code == 0, err
+    assert "named.safetensors" in out and "ranks:    2 x40" in out
+    code, _, err = cli(["convert-lora", "named", "p.safetensors", "--to", "peft", "--lora-dir", files["folder"]],
+                       tmp_path)
+    assert code == 0, err
+    assert len(load_file(tmp_path / "p.safetensors")) == 80
+    assert_clean_error(cli, ["lora-info", "nosuch", "--lora-dir", files["folder"]], ["'nosuch' not found"],
+                       cwd=tmp_path)
+
 def test_convert_lora_round_trip_is_lossless(cli, files, tmp_path):
     code, _, err = cli(["convert-lora", files["style"], "p.safetensors", "--to", "peft"], tmp_path)
     assert code == 0, err

@@ -9,9 +9,10 @@ from ..fileio import shown
 
 
 def lora_info(args) -> None:
+    from ..lora.adapters import find_lora
     from ..lora.formats import lora_info as info
 
-    found = info(args.file)
+    found = info(find_lora(args.file, args.lora_dir))
     if args.json:
         print(json.dumps(found, indent=2, sort_keys=True, default=str))
         return
@@ -38,13 +39,15 @@ def _counts(d: dict) -> str:
 
 
 def convert_lora(args) -> None:
+    from ..lora.adapters import find_lora
     from ..lora.formats import convert_lora as convert
     from ..pipeline import load
 
     if args.to not in ("kohya", "peft"):
         raise SDTorchError(f"--to {args.to!r}: write kohya or peft")
+    src = find_lora(args.input, args.lora_dir)
     model = load(args.model) if args.model else None
-    print(f"wrote {shown(convert(args.input, args.output, args.to, model=model))}")
+    print(f"wrote {shown(convert(src, args.output, args.to, model=model))}")
 
 
 def merge_lora(args) -> None:
@@ -74,16 +77,19 @@ def add_commands(sub) -> None:
     from . import _add_load_flags
 
     p = sub.add_parser("lora-info", help="describe a LoRA file: format, family, ranks, alphas, targets, metadata")
-    p.add_argument("file", help="a LoRA .safetensors (kohya/A1111, LyCORIS or diffusers/PEFT), or a weights-only .pt")
+    p.add_argument("file", help="a LoRA .safetensors (kohya/A1111, LyCORIS or diffusers/PEFT), or a weights-only .pt; "
+                   "or a LoRA name, as for --lora: a built-in one (teal) or one in the LoRA folder")
     p.add_argument("--json", action="store_true", help="print everything as JSON (default: a summary)")
+    _add_lora_dir(p)
     p.set_defaults(func=lora_info)
 
     p = sub.add_parser("convert-lora", help="rewrite a LoRA in kohya or PEFT format, losslessly")
-    p.add_argument("input", help="the LoRA file")
+    p.add_argument("input", help="the LoRA file, or a LoRA name (built-in, or in the LoRA folder)")
     p.add_argument("output", help="NAME.safetensors (a file there is replaced; nothing is written on failure)")
     p.add_argument("--to", required=True, metavar="{kohya,peft}", help="the format to write (required)")
     p.add_argument("--model", "-m", help="resolve the names against this model (default: the presets of the "
                    "file's family)")
+    _add_lora_dir(p)
     p.set_defaults(func=convert_lora)
 
     p = sub.add_parser("merge-lora", help="write a checkpoint with LoRAs folded into its weights",
@@ -94,9 +100,13 @@ def add_commands(sub) -> None:
                    "destination, as for `sdtorch convert`: NAME.safetensors or a folder (diffusers layout)")
     p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the written weights (default: as loaded)")
-    p.add_argument("--lora-dir", metavar="DIR", help="where LoRA names are looked up (default: $SDTORCH_LORAS, "
-                   "else ~/.local/share/sdtorch/loras)")
+    _add_lora_dir(p)
     p.add_argument("--lora-partial", action="store_true", help="merge a LoRA that only partly matches the model, "
                    "with a warning, instead of failing (default: off)")
     _add_load_flags(p)
     p.set_defaults(func=merge_lora)
+
+
+def _add_lora_dir(p) -> None:
+    p.add_argument("--lora-dir", metavar="DIR", help="where LoRA names are looked up (default: $SDTORCH_LORAS, "
+                   "else ~/.local/share/sdtorch/loras)")
