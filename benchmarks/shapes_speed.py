@@ -3,11 +3,12 @@
 Goals: one 64 px image in <= 0.15 s after the model is loaded; `sdtorch generate` (python -m sdtorch.cli
 generate PROMPT --seed 0 -o FILE), process start included, in <= 2 s. Reference in the same run: the
 same request through diffusers' StableDiffusionPipeline on the same weights (DPMSolverMultistepScheduler,
-the model's default steps and guidance; both run the unconditional pass). Images per second: one
+the model's default steps and guidance; both run the unconditional pass). With `--compile`, also one image
+after `model.compile()` (Inductor with frozen weights), the compile timed apart. Images per second: one
 txt2img call of batch 1 and of batch 8, in each batch mode ("per-image": one guided batch of 2 per image
 and step; "batched": one guided batch of 2B per step). The model runs in --dtype (the CLI in its default).
 
-    python benchmarks/shapes_speed.py [--repeats 5] [--dtype fp32|bf16]
+    python benchmarks/shapes_speed.py [--repeats 5] [--dtype fp32|bf16] [--compile]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the model's dtype (not the CLI's)")
+    ap.add_argument("--compile", action="store_true", help="also time one image after model.compile()")
     args = ap.parse_args()
     import sdtorch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -65,6 +67,14 @@ def main() -> None:
             run = lambda: model.txt2img(PROMPT, seed=0, batch_size=batch, batch_mode=mode)  # noqa: E731
             run()
             per_second[batch, mode] = batch / timed(run, args.repeats if batch == 1 else max(1, args.repeats // 2))
+
+    if args.compile:  # last of sdtorch's runs: the compiled UNet stays compiled
+        eager_image = model.txt2img(PROMPT, seed=0, output_type="tensor")
+        t0 = time.perf_counter()
+        compiled_image = model.compile().txt2img(PROMPT, seed=0, output_type="tensor")
+        compile_s = time.perf_counter() - t0
+        compiled = timed(lambda: model.txt2img(PROMPT, seed=0), args.repeats)
+        compiled_diff = (compiled_image - eager_image).abs().max().item()
 
     pipe = StableDiffusionPipeline.from_pretrained(builtin_path("shapes"), local_files_only=True,
                                                    torch_dtype=torch.float32, safety_checker=None)
@@ -88,6 +98,10 @@ def main() -> None:
     print(f"load (sdtorch.load('shapes'))          {load_s:6.2f} s")
     print(f"one image, sdtorch                     {ours:6.3f} s   (goal <= {IMAGE_GOAL} s: "
           f"{'met' if ours <= IMAGE_GOAL else 'MISSED'})")
+    if args.compile:
+        print(f"one image, sdtorch compiled (frozen)   {compiled:6.3f} s   (goal: "
+              f"{'met' if compiled <= IMAGE_GOAL else 'MISSED'}; {ours / compiled:.2f}x eager; first image "
+              f"{compile_s:.0f} s with the compile; max pixel difference {compiled_diff:.1e})")
     print(f"one image, diffusers, same weights     {theirs:6.3f} s   ratio sdtorch/diffusers {ours / theirs:.2f}")
     print(f"sdtorch generate, new process          {cold:6.2f} s   (goal <= {CLI_GOAL:.0f} s: "
           f"{'met' if cold <= CLI_GOAL else 'MISSED'})")

@@ -275,8 +275,9 @@ def add_device_flags(p, dtype_default: str | None = "auto") -> None:
                    help=f"compute dtype (default: {default})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the UNet with torch.compile first (the first image waits; measured: SD 1.5 1.5%% "
-                   "faster after a 98 s compile, the built-in model slower; default: off)")
+                   help="compile the UNet with torch.compile first, its weights frozen into the compiled code (the "
+                   "first image waits, about 35 s for the built-in model, and again after each LoRA change; "
+                   "measured: the built-in model's image 0.15 s against 0.23 s eager; default: off)")
 
 
 def load_for(args, model_path):

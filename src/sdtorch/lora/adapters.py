@@ -281,6 +281,7 @@ def attach(model, network: LoraNetwork) -> None:
     state.networks[network.name] = network
     if state.originals is not None:
         _remerge(model)
+    _changed(model)
 
 
 def detach(model, name: str) -> LoraNetwork:
@@ -293,7 +294,15 @@ def detach(model, name: str) -> LoraNetwork:
     del state.networks[name]
     if state.originals is not None:
         _remerge(model)
+    _changed(model)
     return network
+
+
+def _changed(model) -> None:
+    """Tell the model its weights or hooks changed (a UNet compiled with frozen weights compiles again)."""
+    changed = getattr(model, "weights_changed", None)
+    if changed is not None:
+        changed()
 
 
 def _get(model, name: str) -> LoraNetwork:
@@ -461,6 +470,7 @@ def set_lora_scale(model, name: str, scale) -> None:
     _get(model, name).scale = scale
     if _state(model).originals is not None:
         _remerge(model)
+    _changed(model)
 
 
 def unload_lora(model, name: str) -> None:
@@ -475,6 +485,7 @@ def merge_lora(model) -> None:
     if state.originals is None:
         state.originals = {}
     _remerge(model)
+    _changed(model)
 
 
 def unmerge_lora(model) -> None:
@@ -488,6 +499,7 @@ def unmerge_lora(model) -> None:
     state.originals = None
     for n in state.networks.values():
         n.merged = False
+    _changed(model)
 
 
 @torch.no_grad()
