@@ -299,7 +299,7 @@ def detach(model, name: str) -> LoraNetwork:
 
 
 def _changed(model) -> None:
-    """Tell the model its weights or hooks changed (a UNet compiled with frozen weights compiles again)."""
+    """Tell the model its weights or hooks changed (a compiled UNet compiles again on its next run)."""
     changed = getattr(model, "weights_changed", None)
     if changed is not None:
         changed()
