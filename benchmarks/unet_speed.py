@@ -13,8 +13,9 @@ UNet from that folder and runs the same input (seeded latents, timestep 500, ran
     diffusers fp32          UNet2DConditionModel.from_pretrained(folder / "unet")
     sdtorch bf16            sdtorch.load(folder, dtype="bf16").unet
     diffusers bf16          the same with torch_dtype=torch.bfloat16
-    sdtorch bf16 compiled   (--compile) the sdtorch bf16 UNet after `unet.compile()`; its compile time (the
-                            first call) and its max abs difference from the eager bf16 output are printed
+    sdtorch bf16 compiled   (--compile) the sdtorch bf16 UNet after `model.compile()` (weights frozen); its
+                            compile time (the first call) and its max abs difference from the eager bf16
+                            output are printed
     OpenVINO bf16           the diffusers fp32 UNet converted by openvino_ref.unet (INFERENCE_PRECISION_HINT
                             bf16; run last, after the other models are freed; the conversion time is printed
                             on its own line)
@@ -192,16 +193,17 @@ def main() -> None:
         print(f"{low} emulated on this CPU: skipped (sdtorch {low}, diffusers {low}, OpenVINO {low})")
     else:
         xb, cb = x.to(low_dtype), ctx.to(low_dtype)
-        unet = ours(low)
+        model = sdtorch.load(folder, dtype=low, device=DEVICE)
+        unet = model.unet
         measure("sdtorch bf16", lambda: unet(xb, t, cb), "bf16")
         if args.compile:
-            unet.compile()
+            model.compile()  # Inductor, with the weights frozen into the compiled code
             t0 = time.perf_counter()
             with torch.inference_mode():
                 unet(xb, t, cb)
             compiled["seconds"] = time.perf_counter() - t0
             measure("sdtorch bf16 compiled", lambda: unet(xb, t, cb), "bf16")
-        del unet
+        del unet, model
         ref = theirs(low_dtype)
         measure("diffusers bf16", lambda: ref(xb, t, encoder_hidden_states=cb).sample, "bf16")
         del ref

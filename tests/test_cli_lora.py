@@ -141,7 +141,6 @@ def test_lora_info(cli, files, tmp_path):
     assert info["counts"] == {"adapters": 40, "tensors": 120, "unknown": 0}
 
 
-
 def test_lora_info_and_convert_lora_take_names_as_lora_does(cli, files, tmp_path):
     """A name works wherever a LoRA file does, as `--lora NAME`: the built-in one, or one in --lora-dir."""
     code, out, err = cli(["lora-info", "teal"], tmp_path)
@@ -156,6 +155,7 @@ def test_lora_info_and_convert_lora_take_names_as_lora_does(cli, files, tmp_path
     assert len(load_file(tmp_path / "p.safetensors")) == 80
     assert_clean_error(cli, ["lora-info", "nosuch", "--lora-dir", files["folder"]], ["'nosuch' not found"],
                        cwd=tmp_path)
+
 
 def test_convert_lora_round_trip_is_lossless(cli, files, tmp_path):
     code, _, err = cli(["convert-lora", files["style"], "p.safetensors", "--to", "peft"], tmp_path)
